@@ -1,0 +1,179 @@
+"""Public face of the fused PGD step: argument checks, layout handling, backend dispatch."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+from .reference import pgd_step_reference
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+NORMS = ("linf", "l2")
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_norm_bounds(norm: str, lo: float, hi: float) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    for name, v in (("lo", lo), ("hi", hi)):
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite float, got {v!r}")
+    if lo > hi:
+        raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
+
+
+def per_sample(name: str, value, n: int, device: torch.device, *, nonneg: bool) -> tuple[Tensor, Tensor | None]:
+    """`value` (a number, a 0-d or an (N,) tensor) as a float32 (N,) tensor on `device`.
+
+    Returns the tensor and, for tensor input, a boolean 0-d tensor flagging bad values, so
+    callers can check all flags with a single device synchronisation.
+    """
+    if isinstance(value, Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
+            raise ValueError(f"{name} must be a number, a 0-d tensor or shape ({n},), got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real (integer or float) tensor, got {value.dtype}")
+        v = value.to(torch.float32).expand(n).contiguous()
+        bad = ~torch.isfinite(v) | (v < 0) if nonneg else (v != 0) & (v != 1) & (v != -1)
+        return v, bad.any()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    value = float(value)
+    if nonneg and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    if not nonneg and value not in (-1.0, 0.0, 1.0):
+        raise ValueError(f"{name} must be -1, 0 or +1, got {value}")
+    return torch.full((n,), value, dtype=torch.float32, device=device), None
+
+
+def raise_on_flags(flags: dict[str, Tensor | None], expected: dict[str, str]) -> None:
+    """Check the bad-value flags of per_sample() with one synchronisation (skipped when compiling)."""
+    named = [(k, f) for k, f in flags.items() if f is not None]
+    if not named or torch.compiler.is_compiling():
+        return
+    values = torch.stack([f for _, f in named]).tolist()
+    for (name, _), bad in zip(named, values):
+        if bad:
+            raise ValueError(f"{name} must be {expected[name]}")
+
+
+def _batch_major(t: Tensor) -> bool:
+    """Each sample is one dense block of numel/N elements: true for the layouts the kernels take."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _in_layout_of(ref: Tensor, t: Tensor) -> Tensor:
+    return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi):
+    """Validate the public arguments; returns float32 (N,) direction, eps, alpha."""
+    for name, t in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad)):
+        _check_tensor(name, t)
+    if x_adv.dim() < 1:
+        raise ValueError("x_adv must have a leading batch dimension, got a 0-d tensor")
+    if x_adv.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"x_adv must be float32, float16, bfloat16 or float64, got {x_adv.dtype}")
+    if x_nat.dtype != x_adv.dtype:
+        raise TypeError(f"x_nat dtype {x_nat.dtype} must equal x_adv dtype {x_adv.dtype}")
+    if grad.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"grad must be a floating tensor (float32/16, bfloat16, float64), got {grad.dtype}")
+    for name, t in (("x_nat", x_nat), ("grad", grad)):
+        if t.shape != x_adv.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal x_adv shape {tuple(x_adv.shape)}")
+        if t.device != x_adv.device:
+            raise ValueError(f"{name} is on {t.device} but x_adv is on {x_adv.device}")
+    _check_norm_bounds(norm, lo, hi)
+    n, device = x_adv.shape[0], x_adv.device
+    d, d_bad = per_sample("direction", direction, n, device, nonneg=False)
+    e, e_bad = per_sample("eps", eps, n, device, nonneg=True)
+    a, a_bad = per_sample("alpha", alpha, n, device, nonneg=True)
+    raise_on_flags(
+        {"direction": d_bad, "eps": e_bad, "alpha": a_bad},
+        {"direction": "-1, 0 or +1 in every row", "eps": "finite and >= 0 in every row",
+         "alpha": "finite and >= 0 in every row"},
+    )
+    return d, e, a
+
+
+def launch_pgd_step_(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi) -> Tensor:
+    """The step on already validated arguments (direction/eps/alpha float32 (N,) on x_adv's device).
+
+    The attack engine validates once per attack and calls this on every step.
+    """
+    backend = get_backend(x_adv.device)
+    with torch.no_grad():
+        if backend == "torch":
+            return x_adv.copy_(pgd_step_reference(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi))
+        work = x_adv if _batch_major(x_adv) else x_adv.contiguous()
+        x_nat, grad = _in_layout_of(work, x_nat), _in_layout_of(work, grad)
+        if backend == "triton":
+            torch.ops.aaa_fast.pgd_step_triton_.default(work, x_nat, grad, direction, eps, alpha, norm, lo, hi)
+        else:
+            torch.ops.aaa_fast.pgd_step_.default(work, x_nat, grad, direction, eps, alpha, norm, lo, hi)
+        return x_adv if work is x_adv else x_adv.copy_(work)
+
+
+def pgd_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, direction=1, eps=8 / 255, alpha=2 / 255,
+              *, norm: str = "linf", lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """Fused per-sample signed, bounded PGD step; updates `x_adv` in place and returns it.
+
+    linf: ``x_adv <- clamp(x_nat + clamp(x_adv + d*alpha*sign(g) - x_nat, -eps, eps), lo, hi)``.
+    l2: ``v = x_adv + d*alpha*g/|g|``; ``delta = v - x_nat`` shrunk to ``|delta| <= eps``;
+    ``x_adv <- clamp(x_nat + delta, lo, hi)`` (norms per sample; zero gradient -> no move).
+    `direction` (+1 ascend, -1 descend, 0 keep), `eps`, `alpha`: numbers or (N,) tensors.
+    Arithmetic in float32, rounded once to x_adv's dtype. Not differentiable.
+    """
+    d, e, a = prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi)
+    return launch_pgd_step_(x_adv, x_nat, grad, d, e, a, norm, lo, hi)
+
+
+def pgd_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, direction=1, eps=8 / 255, alpha=2 / 255,
+             *, norm: str = "linf", lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """Out-of-place `pgd_step_`: returns a new tensor, `x_adv` is left unchanged."""
+    _check_tensor("x_adv", x_adv)
+    return pgd_step_(x_adv.detach().clone(), x_nat, grad, direction, eps, alpha, norm=norm, lo=lo, hi=hi)
+
+
+def random_init(x_nat: Tensor, eps, *, norm: str = "linf", lo: float = 0.0, hi: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """A uniform random point in each sample's eps-ball around `x_nat`, clamped to [lo, hi].
+
+    linf: uniform in the cube; l2: uniform in the ball (Gaussian direction, radius eps*U^(1/D)).
+    The noise is drawn in logical (contiguous) order, so a generator gives the same result for
+    contiguous and channels_last inputs. Result has x_nat's dtype and memory format.
+    """
+    _check_tensor("x_nat", x_nat)
+    if x_nat.dim() < 1:
+        raise ValueError("x_nat must have a leading batch dimension, got a 0-d tensor")
+    if x_nat.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"x_nat must be float32, float16, bfloat16 or float64, got {x_nat.dtype}")
+    _check_norm_bounds(norm, lo, hi)
+    n = x_nat.shape[0]
+    e, e_bad = per_sample("eps", eps, n, x_nat.device, nonneg=True)
+    raise_on_flags({"eps": e_bad}, {"eps": "finite and >= 0 in every row"})
+    per_row = (-1,) + (1,) * (x_nat.dim() - 1)
+    opts = dict(dtype=torch.float32, device=x_nat.device, generator=generator)
+    if norm == "linf":
+        delta = (torch.rand(x_nat.shape, **opts) * 2 - 1) * e.view(per_row)
+    else:
+        direction = torch.randn(x_nat.shape, **opts)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_row)
+        dims = x_nat[0].numel()
+        radius = torch.rand(n, **opts).pow(1.0 / max(dims, 1)) * e
+        delta = direction * radius.view(per_row)
+    start = torch.clamp(x_nat.detach().float() + delta, lo, hi)
+    return torch.empty_like(x_nat, dtype=x_nat.dtype).copy_(start)
