@@ -24,13 +24,14 @@ def want_cuda() -> bool:
 
 def extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # no a*b+c contraction: the kernels must round like the plain-PyTorch reference
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
     if want_cuda():
         sources.append("csrc/cuda/pgd_step_cuda.cu")
         return CUDAExtension(
             "aaa_fast._C",
             sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension("aaa_fast._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])

@@ -231,3 +231,37 @@ def test_random_init_layout_independent():
     b = random_init(x.contiguous(memory_format=torch.channels_last), 0.1,
                     generator=torch.Generator().manual_seed(0))
     assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+
+
+ISA_CHECK = """
+import torch
+from aaa_fast import ops
+from test_ops import DTYPES, assert_matches, make_case, reference
+ops.set_backend("cpu")
+for dtype in DTYPES:
+    for grad_dtype in (torch.float32, torch.bfloat16):
+        for norm in ("linf", "l2"):
+            for shape in ((3, 3, 7, 9), (2, 1500)):
+                x_adv, x_nat, grad, d, e, a = make_case(shape, dtype)
+                case = (x_adv, x_nat, grad.to(grad_dtype), d, e, a)
+                assert_matches(ops.pgd_step(*case, norm=norm), reference(case, norm), norm)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_cpu_instruction_set_variant(isa):
+    """The C++ kernel is compiled once per instruction set; each must match the reference."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    if "cpu" not in ops.available_backends():
+        pytest.skip("native extension not built")
+    flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    if isa != "baseline" and f" {isa}" not in flags and f" {isa}f" not in flags:
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, AAA_FAST_CPU_ISA=isa, PYTHONPATH=str(pathlib.Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

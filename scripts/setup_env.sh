@@ -1,0 +1,24 @@
+# Sourced by scripts/test.sh and scripts/demo.sh: a ready virtual environment in .venv with
+# torch, the test tools and aaa_fast built from this checkout. Safe to run again.
+#   TORCH_SPEC   what to install torch as (default torch==2.13.0, the local CPU build here;
+#                on a CUDA machine install your CUDA torch first and set TORCH_SPEC=torch)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+fi
+pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+python -c "import torch" 2>/dev/null || pip_q "${TORCH_SPEC:-torch==2.13.0}"
+python -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
+pip_q -r requirements-dev.txt
+# torchattacks (a test oracle) asks for torchvision, which has no CPU build here and is unused
+python -c "import torchattacks" 2>/dev/null || pip_q --no-deps torchattacks requests
+# --no-build-isolation: compile against the torch installed above, not a fresh download
+so=$(ls aaa_fast/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -print -quit)" ]; then
+    echo "setup: building aaa_fast._C"
+    python -m pip install -q --disable-pip-version-check --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+fi
+python -c "import aaa_fast._C" || { echo "setup: the native extension failed to build" >&2; exit 1; }
