@@ -1,5 +1,6 @@
 """aaa_fast: fast adversarial training that mixes adversaries and anti-adversaries."""
 from . import ops
+from .attack import adversarial_pair, perturb
 
 __version__ = "0.1.0"
-__all__ = ["ops"]
+__all__ = ["adversarial_pair", "ops", "perturb"]

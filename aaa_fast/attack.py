@@ -1,0 +1,204 @@
+"""Per-sample signed PGD for a whole batch: one forward and one backward per step.
+
+Every row i has its own direction d_i (+1 ascend the loss, -1 descend it, 0 keep) and bound
+eps_i. The per-sample losses are summed (not averaged), so a row's gradient, and therefore its
+step, does not depend on the batch it shares; the fused kernel (aaa_fast.ops) applies the
+signed, bounded update to all rows at once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import random_init
+from .ops.api import launch_pgd_step_, per_sample, prepare_step_args
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+# fp16 autocast: gradients of a per-sample loss with respect to pixels can underflow in half
+# precision and turn into zero signs; scaling the loss (a power of two: exact) prevents that.
+FP16_LOSS_SCALE = 2.0**12
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Model in eval mode (BatchNorm statistics frozen), its previous mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def kl_to_clean(clean_logits: Tensor) -> LossFn:
+    """Per-sample KL(p(x) || p(x')) against the fixed clean prediction (TRADES)."""
+    clean_log_p = F.log_softmax(clean_logits.detach().float(), dim=1)
+    clean_p = clean_log_p.exp()
+
+    def loss(logits: Tensor, _y: Tensor) -> Tensor:
+        return (clean_p * (clean_log_p - F.log_softmax(logits.float(), dim=1))).sum(dim=1)
+
+    return loss
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def _check_inputs(model: nn.Module, x, y, steps, norm: str, random_start, amp_dtype) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, ...) with N samples, got shape {tuple(x.shape)}")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a tensor, got {type(y).__name__}")
+    if y.shape[:1] != x.shape[:1]:
+        raise ValueError(f"y has {y.shape[0] if y.dim() else 0} rows but x has {x.shape[0]}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    param = next(model.parameters(), None)
+    if param is not None and param.device != x.device:
+        raise ValueError(f"model is on {param.device} but x is on {x.device}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if not (random_start is True or random_start is False or random_start == "normal"):
+        raise ValueError(f"random_start must be True, False or 'normal', got {random_start!r}")
+    if amp_dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
+
+
+def _check_labels(y: Tensor, num_classes: int) -> None:
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+    if y.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.stack([y.min(), y.max()]).tolist()
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} outputs), "
+                             f"got values in [{lo}, {hi}]")
+
+
+def starting_point(x: Tensor, eps: Tensor, random_start, norm: str, lo: float, hi: float,
+                   generator: torch.Generator | None) -> Tensor:
+    if random_start is True:
+        return random_init(x, eps, norm=norm, lo=lo, hi=hi, generator=generator)
+    if random_start == "normal":  # TRADES: x + 0.001 N(0, I)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return torch.empty_like(x).copy_(torch.clamp(x.float() + 0.001 * noise, lo, hi))
+    return x.clone()
+
+
+def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn: LossFn,
+            direction: Tensor, eps: Tensor, alpha: Tensor, steps: int, norm: str, lo: float, hi: float,
+            amp_dtype: torch.dtype | None) -> Tensor:
+    """The PGD loop on validated float32 (N,) direction/eps/alpha; model already in eval mode.
+
+    Gradients are taken with respect to the input only (torch.autograd.grad), so parameters'
+    .grad stay untouched and no weight gradient is computed.
+    """
+    scale = FP16_LOSS_SCALE if amp_dtype == torch.float16 else 1.0
+    x_adv = x_start.detach()
+    if steps == 0:  # project the start
+        return launch_pgd_step_(x_adv.clone(), x_nat, torch.zeros_like(x_adv), direction, eps, alpha, norm, lo, hi)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with _autocast(x_nat.device, amp_dtype):
+            logits = model(x_adv)
+        loss = loss_fn(logits, y)
+        if loss.shape != x_adv.shape[:1]:
+            raise ValueError(f"loss_fn must return one loss per sample, shape ({x_adv.shape[0]},), "
+                             f"got shape {tuple(loss.shape)}")
+        (grad,) = torch.autograd.grad(loss.sum() * scale, x_adv)
+        x_adv = launch_pgd_step_(x_adv.detach(), x_nat, grad, direction, eps, alpha, norm, lo, hi)
+    return x_adv
+
+
+def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255, steps: int = 10,
+            alpha=None, norm: str = "linf", random_start=True, loss: str = "ce", loss_fn: LossFn | None = None,
+            lo: float = 0.0, hi: float = 1.0, amp_dtype: torch.dtype | None = None,
+            generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample signed PGD: adversarial (+1), anti-adversarial (-1) or untouched (0) rows.
+
+    direction, eps, alpha: numbers or (N,) tensors; alpha defaults to 2.5*eps/steps per row.
+    loss: "ce" (cross-entropy) or "kl" (KL from the clean prediction, computed once: TRADES);
+    loss_fn(logits, y) -> (N,) per-sample losses overrides it. random_start: True (uniform in
+    the ball), False, or "normal" (x + 0.001 N(0, I)). The model runs in eval mode and gets its
+    mode back; parameters' gradients are untouched. Returns a detached tensor with x's dtype,
+    device and memory format.
+    """
+    _check_inputs(model, x, y, steps, norm, random_start, amp_dtype)
+    if loss_fn is None and loss not in ("ce", "kl"):
+        raise ValueError(f"loss must be 'ce' or 'kl' (or pass loss_fn), got {loss!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable(logits, y) -> per-sample losses, got {type(loss_fn).__name__}")
+    n, device = x.shape[0], x.device
+    eps_rows = per_sample("eps", eps, n, device, nonneg=True)[0]  # values checked just below
+    if alpha is None:
+        alpha = eps_rows * (2.5 / max(steps, 1))  # Madry et al.'s rule
+    d, e, a = prepare_step_args(x, x, x, direction, eps_rows, alpha, norm, lo, hi)
+    x = x.detach()
+    with eval_mode(model):
+        if loss_fn is None:
+            with torch.no_grad(), _autocast(device, amp_dtype):
+                clean_logits = model(x)
+            _check_labels(y, clean_logits.shape[1])
+            loss_fn = cross_entropy if loss == "ce" else kl_to_clean(clean_logits)
+        start = starting_point(x, e, random_start, norm, lo, hi, generator)
+        return run_pgd(model, x, start, y, loss_fn, d, e, a, steps, norm, lo, hi, amp_dtype)
+
+
+def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, steps: int = 10, alpha=2 / 255,
+                     adv_loss: str = "kl", norm: str = "linf", random_start="normal", lo: float = 0.0,
+                     hi: float = 1.0, amp_dtype: torch.dtype | None = None,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The AAA pair (x_adv, x_anti) of METHOD.md, built as ONE batch of 2N rows.
+
+    Rows 0..N-1 ascend adv_loss ("kl": KL from the clean prediction, TRADES; "ce":
+    cross-entropy); rows N..2N-1 descend cross-entropy. One forward and one backward of the
+    2N batch per step. eps and alpha: numbers, (N,) tensors shared by both halves, or (2N,)
+    tensors (adversarial rows first). The starts are drawn for the adversarial half, then the
+    anti-adversarial half, so the result equals two `perturb` calls sharing one generator.
+    """
+    _check_inputs(model, x, y, steps, norm, random_start, amp_dtype)
+    if adv_loss not in ("kl", "ce"):
+        raise ValueError(f"adv_loss must be 'kl' or 'ce', got {adv_loss!r}")
+    n, device = x.shape[0], x.device
+
+    def both_halves(name, value):
+        if isinstance(value, Tensor) and value.dim() == 1 and value.shape[0] not in (n, 2 * n):
+            raise ValueError(f"{name} must be a number or have shape ({n},) or ({2 * n},), got {tuple(value.shape)}")
+        if isinstance(value, Tensor) and value.dim() == 1 and value.shape[0] == 2 * n:
+            return value
+        return per_sample(name, value, n, device, nonneg=True)[0].repeat(2)  # values checked below
+
+    x = x.detach()
+    x2 = torch.cat([x, x])
+    direction = torch.cat([torch.ones(n, device=device), -torch.ones(n, device=device)])
+    d, e, a = prepare_step_args(x2, x2, x2, direction, both_halves("eps", eps), both_halves("alpha", alpha), norm, lo, hi)
+    with eval_mode(model):
+        with torch.no_grad(), _autocast(device, amp_dtype):
+            clean_logits = model(x)
+        _check_labels(y, clean_logits.shape[1])
+        adv_rows = kl_to_clean(clean_logits) if adv_loss == "kl" else cross_entropy
+
+        def pair_loss(logits: Tensor, _y: Tensor) -> Tensor:
+            return torch.cat([adv_rows(logits[:n], y), cross_entropy(logits[n:], y)])
+
+        start = torch.cat([starting_point(x, e[:n], random_start, norm, lo, hi, generator),
+                           starting_point(x, e[n:], random_start, norm, lo, hi, generator)])
+        out = run_pgd(model, x2, start, y, pair_loss, d, e, a, steps, norm, lo, hi, amp_dtype)
+    return out[:n], out[n:]
