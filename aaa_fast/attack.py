@@ -104,8 +104,9 @@ def starting_point(x: Tensor, eps: Tensor, random_start, norm: str, lo: float, h
 
 def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn: LossFn,
             direction: Tensor, eps: Tensor, alpha: Tensor, steps: int, norm: str, lo: float, hi: float,
-            amp_dtype: torch.dtype | None) -> Tensor:
+            amp_dtype: torch.dtype | None, check_labels: bool = False) -> Tensor:
     """The PGD loop on validated float32 (N,) direction/eps/alpha; model already in eval mode.
+    check_labels: validate y against the number of outputs on the first forward.
 
     Gradients are taken with respect to the input only (torch.autograd.grad), so parameters'
     .grad stay untouched and no weight gradient is computed.
@@ -113,11 +114,16 @@ def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn
     scale = FP16_LOSS_SCALE if amp_dtype == torch.float16 else 1.0
     x_adv = x_start.detach()
     if steps == 0:  # project the start
+        if check_labels:
+            _check_labels(y, 2**62)  # no forward to learn the class count from: check the dtype
         return launch_pgd_step_(x_adv.clone(), x_nat, torch.zeros_like(x_adv), direction, eps, alpha, norm, lo, hi)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with _autocast(x_nat.device, amp_dtype):
             logits = model(x_adv)
+        if check_labels:
+            _check_labels(y, logits.shape[1])
+            check_labels = False
         loss = loss_fn(logits, y)
         if loss.shape != x_adv.shape[:1]:
             raise ValueError(f"loss_fn must return one loss per sample, shape ({x_adv.shape[0]},), "
@@ -152,13 +158,15 @@ def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255,
     d, e, a = prepare_step_args(x, x, x, direction, eps_rows, alpha, norm, lo, hi)
     x = x.detach()
     with eval_mode(model):
-        if loss_fn is None:
+        if loss_fn is None and loss == "kl":
             with torch.no_grad(), _autocast(device, amp_dtype):
                 clean_logits = model(x)
             _check_labels(y, clean_logits.shape[1])
-            loss_fn = cross_entropy if loss == "ce" else kl_to_clean(clean_logits)
+            loss_fn = kl_to_clean(clean_logits)
+        check_labels = loss_fn is None  # cross-entropy: checked on the first forward
         start = starting_point(x, e, random_start, norm, lo, hi, generator)
-        return run_pgd(model, x, start, y, loss_fn, d, e, a, steps, norm, lo, hi, amp_dtype)
+        return run_pgd(model, x, start, y, loss_fn or cross_entropy, d, e, a, steps, norm, lo, hi, amp_dtype,
+                       check_labels)
 
 
 def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, steps: int = 10, alpha=2 / 255,

@@ -1,0 +1,1 @@
+"""Straightforward implementations the benchmarks compare against (not used by the library)."""
