@@ -11,11 +11,12 @@ import contextlib
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .objective import per_sample_ce, per_sample_kl
 from .ops import random_init
 from .ops.api import launch_pgd_step_, per_sample, prepare_step_args
+from .ops.reference import unprojected_step
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # fp16 autocast: gradients of a per-sample loss with respect to pixels can underflow in half
@@ -43,17 +44,11 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 def kl_to_clean(clean_logits: Tensor) -> LossFn:
     """Per-sample KL(p(x) || p(x')) against the fixed clean prediction (TRADES)."""
-    clean_log_p = F.log_softmax(clean_logits.detach().float(), dim=1)
-    clean_p = clean_log_p.exp()
-
-    def loss(logits: Tensor, _y: Tensor) -> Tensor:
-        return (clean_p * (clean_log_p - F.log_softmax(logits.float(), dim=1))).sum(dim=1)
-
-    return loss
+    clean_logits = clean_logits.detach()
+    return lambda logits, _y: per_sample_kl(clean_logits, logits)
 
 
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), y, reduction="none")
+cross_entropy: LossFn = per_sample_ce
 
 
 def _check_inputs(model: nn.Module, x, y, steps, norm: str, random_start, amp_dtype) -> None:
@@ -104,9 +99,12 @@ def starting_point(x: Tensor, eps: Tensor, random_start, norm: str, lo: float, h
 
 def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn: LossFn,
             direction: Tensor, eps: Tensor, alpha: Tensor, steps: int, norm: str, lo: float, hi: float,
-            amp_dtype: torch.dtype | None, check_labels: bool = False) -> Tensor:
+            amp_dtype: torch.dtype | None, check_labels: bool = False,
+            keep_unprojected: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The PGD loop on validated float32 (N,) direction/eps/alpha; model already in eval mode.
     check_labels: validate y against the number of outputs on the first forward.
+    keep_unprojected: also return v, the last iterate before its projection (float32), from
+    which `ops.reference.project(v, x_nat, eps)` rebuilds the result differentiably in eps.
 
     Gradients are taken with respect to the input only (torch.autograd.grad), so parameters'
     .grad stay untouched and no weight gradient is computed.
@@ -116,8 +114,9 @@ def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn
     if steps == 0:  # project the start
         if check_labels:
             _check_labels(y, 2**62)  # no forward to learn the class count from: check the dtype
-        return launch_pgd_step_(x_adv.clone(), x_nat, torch.zeros_like(x_adv), direction, eps, alpha, norm, lo, hi)
-    for _ in range(steps):
+        out = launch_pgd_step_(x_adv.clone(), x_nat, torch.zeros_like(x_adv), direction, eps, alpha, norm, lo, hi)
+        return (out, x_adv.float()) if keep_unprojected else out
+    for step in range(steps):
         x_adv.requires_grad_(True)
         with _autocast(x_nat.device, amp_dtype):
             logits = model(x_adv)
@@ -129,8 +128,11 @@ def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn
             raise ValueError(f"loss_fn must return one loss per sample, shape ({x_adv.shape[0]},), "
                              f"got shape {tuple(loss.shape)}")
         (grad,) = torch.autograd.grad(loss.sum() * scale, x_adv)
-        x_adv = launch_pgd_step_(x_adv.detach(), x_nat, grad, direction, eps, alpha, norm, lo, hi)
-    return x_adv
+        x_adv = x_adv.detach()
+        if keep_unprojected and step == steps - 1:
+            unprojected = unprojected_step(x_adv, grad, direction, alpha, norm)
+        x_adv = launch_pgd_step_(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi)
+    return (x_adv, unprojected) if keep_unprojected else x_adv
 
 
 def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255, steps: int = 10,
@@ -201,12 +203,27 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
         with torch.no_grad(), _autocast(device, amp_dtype):
             clean_logits = model(x)
         _check_labels(y, clean_logits.shape[1])
-        adv_rows = kl_to_clean(clean_logits) if adv_loss == "kl" else cross_entropy
-
-        def pair_loss(logits: Tensor, _y: Tensor) -> Tensor:
-            return torch.cat([adv_rows(logits[:n], y), cross_entropy(logits[n:], y)])
-
-        start = torch.cat([starting_point(x, e[:n], random_start, norm, lo, hi, generator),
-                           starting_point(x, e[n:], random_start, norm, lo, hi, generator)])
-        out = run_pgd(model, x2, start, y, pair_loss, d, e, a, steps, norm, lo, hi, amp_dtype)
+        out = build_pair(model, x, y, clean_logits, e, a, steps=steps, adv_loss=adv_loss, norm=norm,
+                         random_start=random_start, lo=lo, hi=hi, amp_dtype=amp_dtype, generator=generator)
     return out[:n], out[n:]
+
+
+def build_pair(model: nn.Module, x: Tensor, y: Tensor, clean_logits: Tensor, eps: Tensor, alpha: Tensor, *,
+               steps: int, adv_loss: str = "kl", norm: str = "linf", random_start="normal", lo: float = 0.0,
+               hi: float = 1.0, amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+               keep_unprojected: bool = False):
+    """adversarial_pair's engine for callers that already hold the clean logits (the trainer):
+    validated float32 (2N,) eps/alpha, model already in eval mode. Returns the 2N rows
+    (adversarial first), and with keep_unprojected also their last unprojected iterate."""
+    n, device = x.shape[0], x.device
+    x2 = torch.cat([x, x])
+    direction = torch.cat([torch.ones(n, device=device), -torch.ones(n, device=device)])
+    adv_rows = kl_to_clean(clean_logits) if adv_loss == "kl" else cross_entropy
+
+    def pair_loss(logits: Tensor, _y: Tensor) -> Tensor:
+        return torch.cat([adv_rows(logits[:n], y), cross_entropy(logits[n:], y)])
+
+    start = torch.cat([starting_point(x, eps[:n], random_start, norm, lo, hi, generator),
+                       starting_point(x, eps[n:], random_start, norm, lo, hi, generator)])
+    return run_pgd(model, x2, start, y, pair_loss, direction, eps, alpha, steps, norm, lo, hi, amp_dtype,
+                   keep_unprojected=keep_unprojected)

@@ -1,0 +1,111 @@
+"""The meta-network and the one-step-lookahead meta-gradient (METHOD.md, "Meta step").
+
+The virtual step W_hat(Omega) = SGD step of W on L(W; Omega) is written with
+torch.func.functional_call over parameter dicts and differentiated with autograd: no copy of the
+model, no per-module surgery. Virtual forwards run on clones of the buffers, so the real model's
+BatchNorm statistics are never changed by them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .objective import NUM_FEATURES
+
+Params = dict[str, Tensor]
+
+
+class MetaNet(nn.Module):
+    """BatchNorm1d(6) -> Linear(6, hidden) -> ReLU -> Linear(hidden, 2 or 3).
+
+    forward(features) -> (a, b, s): (a_i, b_i) = softmax(out[:, :2] / T), the weights of the
+    TRADES and anti-adversarial terms; s_i in [s_min, s_max] from a third head when
+    `bound_head` (METHOD.md's `meta` bounds), else None.
+    """
+
+    def __init__(self, in_features: int = NUM_FEATURES, hidden: int = 100, *, temperature: float = 1e-3,
+                 bound_head: bool = False, s_min: float = 0.5, s_max: float = 2.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= s_min <= s_max:
+            raise ValueError(f"need 0 <= s_min <= s_max, got s_min={s_min}, s_max={s_max}")
+        self.temperature, self.s_min, self.s_max = temperature, s_min, s_max
+        self.net = nn.Sequential(nn.BatchNorm1d(in_features), nn.Linear(in_features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 3 if bound_head else 2))
+
+    @property
+    def bound_head(self) -> bool:
+        return self.net[-1].out_features == 3
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        out = self.net(features.to(self.net[1].weight.dtype))
+        ab = torch.softmax(out[:, :2] / self.temperature, dim=1)
+        s = None
+        if self.bound_head:
+            s = self.s_min + (self.s_max - self.s_min) * torch.sigmoid(out[:, 2])
+        return ab[:, 0], ab[:, 1], s
+
+
+def virtual_sgd_step(params: Params, grads: dict[str, Tensor | None], optimizer: torch.optim.SGD,
+                     name_of: dict[int, str]) -> Params:
+    """One step of `optimizer` (torch.optim.SGD semantics: lr, momentum buffer, dampening,
+    weight decay, nesterov) applied out of place, so the result stays differentiable."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise TypeError(f"the lookahead step replicates torch.optim.SGD, got {type(optimizer).__name__}")
+    new = dict(params)
+    for group in optimizer.param_groups:
+        members = [(name_of[id(p)], p) for p in group["params"]
+                   if id(p) in name_of and grads.get(name_of[id(p)]) is not None]
+        if not members:
+            continue
+        if group.get("maximize", False):
+            raise ValueError("the lookahead step does not support SGD(maximize=True)")
+        names = [n for n, _ in members]
+        ps = [params[n] for n in names]
+        steps = [grads[n] for n in names]
+        if group["weight_decay"] != 0:
+            steps = torch._foreach_add(steps, ps, alpha=group["weight_decay"])
+        if group["momentum"] != 0:
+            bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for _, p in members]
+            have = [i for i, b in enumerate(bufs) if b is not None]
+            if have:  # buf <- momentum * buf + (1 - dampening) * step
+                updated = torch._foreach_add(torch._foreach_mul([bufs[i] for i in have], group["momentum"]),
+                                             [steps[i] for i in have], alpha=1 - group["dampening"])
+                for i, b in zip(have, updated):
+                    bufs[i] = b
+            # a parameter without a buffer yet starts it at its step, like torch's SGD
+            bufs = [steps[i] if b is None else b for i, b in enumerate(bufs)]
+            steps = torch._foreach_add(steps, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+        new.update(zip(names, torch._foreach_add(ps, steps, alpha=-group["lr"])))
+    return new
+
+
+def meta_gradient(model: nn.Module, meta_net: nn.Module, optimizer: torch.optim.SGD,
+                  train_loss: Callable[[Callable[..., Tensor]], Tensor],
+                  meta_loss: Callable[[Callable[..., Tensor]], Tensor]) -> list[Tensor]:
+    """d L_meta(W_hat(Omega)) / d Omega for every parameter of `meta_net` (zeros where unused).
+
+    train_loss(forward) computes L(W; Omega), calling `forward(x)` for the model's outputs at the
+    current weights W and `meta_net` for the per-sample choices (its graph to Omega is kept).
+    meta_loss(forward) computes the meta objective with `forward(x)` at the virtual weights
+    W_hat = SGD step of W on L(W; Omega). Both forwards use clones of the model's buffers.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params: Params = dict(named)
+    name_of = {id(p): n for n, p in named}
+
+    def forward_with(weights: Params) -> Callable[..., Tensor]:
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        return lambda *args: functional_call(model, (weights, buffers), args, strict=False)
+
+    loss = train_loss(forward_with(params))
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+    virtual = virtual_sgd_step(params, dict(zip(params, grads)), optimizer, name_of)
+    outer = meta_loss(forward_with(virtual))
+    meta_params = [p for p in meta_net.parameters() if p.requires_grad]
+    meta_grads = torch.autograd.grad(outer, meta_params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, meta_grads)]

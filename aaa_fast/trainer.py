@@ -1,0 +1,357 @@
+"""AAATrainer: the drop-in training step for AAA and its baselines (METHOD.md).
+
+    trainer = AAATrainer(model, optimizer, meta_net=MetaNet(), meta_optimizer=Adam(...), config=AAAConfig())
+    for x, y in loader:
+        stats = trainer.step(x, y, x_meta, y_meta)    # a meta batch every step; used every k-th
+    trainer.end_epoch(x_meta_all, y_meta_all)         # fairness multipliers, class-loss features
+
+Every method runs through the same code: build the examples it trains on (none, PGD-CE,
+TRADES-KL, or the AAA pair as one 2N batch), one train-mode forward of all rows concatenated
+(BatchNorm statistics are taken over that mixed batch), the weighted objective, one backward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attack import _autocast, _check_labels, build_pair, eval_mode, perturb
+from .evaluate import classwise_accuracy
+from .fairness import FairnessMultipliers
+from .meta import MetaNet, meta_gradient
+from .objective import INITIAL_CLASS_LOSS, sample_features, weighted_objective
+from .ops.reference import project
+
+METHODS = ("erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa")
+BOUND_MODES = ("fixed", "remargin", "meta")
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class AAAConfig:
+    method: str = "aaa"              # erm | pgd-at | trades | frl | aaa-fixed | aaa
+    num_classes: int = 10
+    eps: float = 10 / 255            # base bound eps_0, pixel units
+    alpha: float = 2 / 255           # attack step
+    steps: int = 10                  # attack steps K
+    lam: float = 1.5                 # TRADES trade-off lambda (TRADES paper: 6 = 1/lambda)
+    adv_loss: str = "kl"             # adversarial examples: "kl" (TRADES) or "ce" (PGD-CE)
+    norm: str = "linf"
+    bound_mode: str | None = None    # fixed | remargin | meta; default: remargin for frl/aaa*, else fixed
+    fairness: bool | None = None     # FRL multipliers; default: on for frl and aaa*, off otherwise
+    temperature: float = 1e-3        # T of the meta-net's softmax
+    s_min: float = 0.5               # meta bounds: s_i in [s_min, s_max]
+    s_max: float = 2.0
+    meta_every: int = 50             # k: one meta step every k iterations
+    fixed_weights: tuple[float, float] = (0.5, 0.5)  # aaa-fixed: (a_i, b_i) for every sample
+    class_share: Sequence[float] | None = None       # feature 6; None: balanced
+    tau: float = 0.07                # FRL tolerance
+    rho1: float = 0.05               # FRL step for nu, eta (halved every 40 updates)
+    rho2: float = 0.2                # FRL step for mu
+    fairness_eval_eps: float = 8 / 255   # PGD-20 budget of the per-epoch class-wise errors
+    fairness_eval_steps: int = 20
+    amp: str = "none"                # none | bf16 | fp16 (fp16 uses a GradScaler)
+    channels_last: bool = False
+    seed: int = 0                    # the attacks' random starts
+    skip_nonfinite: bool = False     # skip (and count) a step with a NaN/inf loss instead of raising
+    extra: dict = field(default_factory=dict)  # free-form, recorded with checkpoints
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.bound_mode is None:
+            self.bound_mode = "remargin" if self.method in ("frl", "aaa-fixed", "aaa") else "fixed"
+        if self.fairness is None:
+            self.fairness = self.method in ("frl", "aaa-fixed", "aaa")
+        if self.bound_mode not in BOUND_MODES:
+            raise ValueError(f"bound_mode must be one of {BOUND_MODES}, got {self.bound_mode!r}")
+        if self.bound_mode == "meta" and self.method != "aaa":
+            raise ValueError("bound_mode='meta' needs method='aaa' (the bounds come from the meta-network)")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        for name in ("eps", "alpha", "lam", "fairness_eval_eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if not (isinstance(self.steps, int) and self.steps >= 0):
+            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        if not (isinstance(self.meta_every, int) and self.meta_every >= 1):
+            raise ValueError(f"meta_every must be an int >= 1, got {self.meta_every!r}")
+        if self.adv_loss not in ("kl", "ce"):
+            raise ValueError(f"adv_loss must be 'kl' or 'ce', got {self.adv_loss!r}")
+        if self.amp not in AMP:
+            raise ValueError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
+        if self.class_share is not None and len(self.class_share) != self.num_classes:
+            raise ValueError(f"class_share needs {self.num_classes} values, got {len(self.class_share)}")
+        if len(self.fixed_weights) != 2 or min(self.fixed_weights) < 0:
+            raise ValueError(f"fixed_weights must be two numbers >= 0, got {self.fixed_weights}")
+
+
+class AAATrainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, meta_net: MetaNet | None = None,
+                 meta_optimizer: torch.optim.Optimizer | None = None, config: AAAConfig | None = None):
+        self.config = cfg = config or AAAConfig()
+        if cfg.method == "aaa":
+            if meta_net is None or meta_optimizer is None:
+                raise ValueError("method='aaa' needs meta_net and meta_optimizer")
+            if not isinstance(optimizer, torch.optim.SGD):
+                raise TypeError("method='aaa' replicates the optimizer's step in its lookahead: use torch.optim.SGD")
+            if meta_net.bound_head != (cfg.bound_mode == "meta"):
+                raise ValueError(f"bound_mode={cfg.bound_mode!r} needs MetaNet(bound_head={cfg.bound_mode == 'meta'})")
+        self.model, self.optimizer = model, optimizer
+        self.meta_net, self.meta_optimizer = meta_net, meta_optimizer
+        self.device = next(model.parameters()).device
+        if meta_net is not None:
+            meta_net.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        c = cfg.num_classes
+        self.amp_dtype = AMP[cfg.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.fairness = FairnessMultipliers(c, tau=cfg.tau, rho1=cfg.rho1, rho2=cfg.rho2)
+        share = torch.full((c,), 1 / c) if cfg.class_share is None else torch.as_tensor(cfg.class_share, dtype=torch.float32)
+        self.class_share = share.float().to(self.device)
+        self.class_loss_avg = torch.full((c,), INITIAL_CLASS_LOSS, device=self.device)
+        self._epoch_loss_sum = torch.zeros(c, dtype=torch.float64, device=self.device)
+        self._epoch_loss_count = torch.zeros(c, dtype=torch.float64, device=self.device)
+        self.iteration = 0
+        self.skipped_steps = 0
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------------ helpers
+    def _inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[:1] != y.shape[:1]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
+        x = x.to(self.device, non_blocking=True)
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True).long()
+
+    def _class_weights(self) -> tuple[Tensor | None, Tensor | None]:
+        if not self.config.fairness:
+            return None, None
+        u, v = self.fairness.class_weights()
+        return u.to(self.device), v.to(self.device)
+
+    def _row_bounds(self, y: Tensor) -> Tensor:
+        """eps_0 * m_{y_i}: class remargins in 'remargin' mode, 1 otherwise."""
+        eps = torch.full(y.shape, self.config.eps, device=self.device)
+        if self.config.bound_mode == "remargin":
+            eps = eps * self.fairness.bound_multipliers().to(self.device)[y]
+        return eps
+
+    def _pair(self, x: Tensor, y: Tensor, clean_logits: Tensor, eps_rows: Tensor, keep_unprojected: bool = False):
+        cfg = self.config
+        with eval_mode(self.model):
+            return build_pair(self.model, x, y, clean_logits, eps_rows.repeat(2),
+                              torch.full((2 * x.shape[0],), cfg.alpha, device=self.device), steps=cfg.steps,
+                              adv_loss=cfg.adv_loss, norm=cfg.norm, random_start="normal",
+                              amp_dtype=self.amp_dtype, generator=self.generator, keep_unprojected=keep_unprojected)
+
+    def _clean_logits(self, x: Tensor, y: Tensor) -> Tensor:
+        with eval_mode(self.model), torch.no_grad(), _autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+        _check_labels(y, logits.shape[1])
+        return logits
+
+    def _forward(self, rows: list[Tensor], model_call=None) -> list[Tensor]:
+        """One train-mode forward of all rows concatenated, split back."""
+        call = model_call or self.model
+        with _autocast(self.device, self.amp_dtype):
+            logits = call(torch.cat(rows))
+        return list(logits.split([r.shape[0] for r in rows]))
+
+    # ------------------------------------------------------------------ the step
+    def step(self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None) -> dict:
+        """One training iteration on (x, y); the meta batch is used on every `meta_every`-th
+        iteration by method 'aaa'. Returns losses and per-batch statistics as floats."""
+        cfg, model = self.config, self.model
+        x, y = self._inputs(x, y)
+        n = x.shape[0]
+        u, v = self._class_weights()
+        eps_rows = self._row_bounds(y)
+        a: Tensor | float = 1.0
+        b: Tensor | float = 0.0
+        lam = cfg.lam
+        meta_stepped = False
+        if cfg.method == "erm":
+            rows, lam = [x], 0.0
+        elif cfg.method == "pgd-at":
+            x_adv = perturb(model, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
+                            random_start=True, amp_dtype=self.amp_dtype, generator=self.generator)
+            rows, lam = [x_adv], 0.0
+        elif cfg.method in ("trades", "frl"):
+            x_adv = perturb(model, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
+                            loss=cfg.adv_loss, random_start="normal", amp_dtype=self.amp_dtype,
+                            generator=self.generator)
+            rows = [x, x_adv]
+        else:
+            clean_logits = self._clean_logits(x, y)
+            features = sample_features(clean_logits, y, self.class_loss_avg, self.class_share)
+            if cfg.method == "aaa-fixed":
+                a, b = cfg.fixed_weights
+                s = None
+            else:
+                self.meta_net.train()
+                with torch.no_grad():
+                    a, b, s = self.meta_net(features)
+            meta_bounds = cfg.bound_mode == "meta"
+            if meta_bounds:
+                eps_rows = cfg.eps * s
+            pair = self._pair(x, y, clean_logits, eps_rows, keep_unprojected=meta_bounds)
+            pair, unprojected = pair if meta_bounds else (pair, None)
+            if cfg.method == "aaa" and x_meta is not None and self.iteration % cfg.meta_every == 0:
+                self._meta_step(x, y, features, pair, unprojected, x_meta, y_meta, u, v)
+                meta_stepped = True
+                with torch.no_grad():
+                    a, b, s = self.meta_net(features)
+                if meta_bounds:  # the new bounds re-project the kept last iterates
+                    eps_rows = cfg.eps * s
+                    pair = project(unprojected, torch.cat([x, x]), eps_rows.repeat(2), cfg.norm).to(x.dtype)
+            rows = [x, pair[:n], pair[n:]]
+        model.train()
+        logits = self._forward(rows)
+        nat_logits = logits[0]
+        terms = weighted_objective(y, nat_logits, a=a, u=u, adv_logits=logits[1] if len(rows) > 1 else None, v=v,
+                                   lam=lam, anti_logits=logits[2] if len(rows) > 2 else None, b=b)
+        if not torch.isfinite(terms.total):
+            return self._nonfinite(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._epoch_loss_sum.index_add_(0, y, terms.per_sample_ce.double())
+        self._epoch_loss_count += torch.bincount(y, minlength=cfg.num_classes)
+        self.iteration += 1
+        a_rows = torch.as_tensor(a, device=self.device).expand(n).float()
+        b_rows = torch.as_tensor(b, device=self.device).expand(n).float()
+        values = torch.stack([terms.total.detach(), terms.natural.detach(), terms.boundary.detach(),
+                              terms.anti.detach(), eps_rows.float().mean(), (b_rows > a_rows).float().mean()]).tolist()
+        keys = ("loss", "natural", "boundary", "anti", "mean_eps", "frac_anti")
+        return dict(zip(keys, values), meta_step=meta_stepped, iteration=self.iteration)
+
+    def _nonfinite(self, terms) -> dict:
+        if not self.config.skip_nonfinite:
+            raise FloatingPointError(
+                f"non-finite training loss at iteration {self.iteration} "
+                f"(natural {terms.natural.item()}, boundary {terms.boundary.item()}, anti {terms.anti.item()}); "
+                "no update was applied")
+        self.skipped_steps += 1
+        self.iteration += 1
+        return {"loss": float("nan"), "skipped": True, "iteration": self.iteration, "meta_step": False}
+
+    def _meta_step(self, x, y, features, pair, unprojected, x_meta, y_meta, u, v) -> None:
+        """METHOD.md steps 2-3: virtual SGD step on L(W; Omega), meta loss on the meta batch
+        (its own pair built against W, a = b = 1), Adam step on Omega."""
+        cfg = self.config
+        x_meta, y_meta = self._inputs(x_meta, y_meta)
+        n = x.shape[0]
+        meta_pair = self._pair(x_meta, y_meta, self._clean_logits(x_meta, y_meta), self._row_bounds(y_meta))
+        meta_rows = [x_meta, meta_pair[:x_meta.shape[0]], meta_pair[x_meta.shape[0]:]]
+        x2 = torch.cat([x, x])
+
+        def train_loss(forward) -> Tensor:
+            a, b, s = self.meta_net(features)
+            if s is not None:  # gradient to the bounds through the last projection
+                both = project(unprojected, x2, (cfg.eps * s).repeat(2), cfg.norm)
+            else:
+                both = pair
+            logits = self._forward([x, both[:n], both[n:]], forward)
+            return weighted_objective(y, logits[0], a=a, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
+                                      anti_logits=logits[2], b=b).total
+
+        def meta_loss(forward) -> Tensor:
+            logits = self._forward(meta_rows, forward)
+            return weighted_objective(y_meta, logits[0], a=1.0, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
+                                      anti_logits=logits[2], b=1.0).total
+
+        self.model.train()
+        self.meta_net.train()
+        # fp16 double-backward would need its own loss scaling: the lookahead runs in fp32 then
+        amp_dtype, self.amp_dtype = self.amp_dtype, (self.amp_dtype if self.amp_dtype != torch.float16 else None)
+        try:
+            grads = meta_gradient(self.model, self.meta_net, self.optimizer, train_loss, meta_loss)
+        finally:
+            self.amp_dtype = amp_dtype
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip([p for p in self.meta_net.parameters() if p.requires_grad], grads):
+            p.grad = g
+        self.meta_optimizer.step()
+
+    # ------------------------------------------------------------------ epochs and state
+    def end_epoch(self, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *,
+                  classwise_nat_err=None, classwise_bdy_err=None, batch_size: int = 256) -> dict:
+        """Close an epoch: this epoch's class-average clean losses become feature 2, and with
+        fairness on the multipliers are updated from class-wise errors, either given or measured
+        here on (x_meta, y_meta) with PGD-`fairness_eval_steps`."""
+        cfg = self.config
+        seen = self._epoch_loss_count > 0
+        avg = self._epoch_loss_sum / self._epoch_loss_count.clamp_min(1)
+        self.class_loss_avg = torch.where(seen, avg.float(), self.class_loss_avg)
+        self._epoch_loss_sum.zero_()
+        self._epoch_loss_count.zero_()
+        out = {}
+        if cfg.fairness:
+            if classwise_nat_err is None or classwise_bdy_err is None:
+                if x_meta is None or y_meta is None:
+                    raise ValueError("fairness is on: pass the meta set (x_meta, y_meta) or the class-wise errors")
+                result = classwise_accuracy(self.model, x_meta, y_meta, cfg.num_classes, eps=cfg.fairness_eval_eps,
+                                            steps=cfg.fairness_eval_steps, alpha=cfg.alpha, batch_size=batch_size,
+                                            amp_dtype=self.amp_dtype, generator=self.generator)
+                classwise_nat_err, classwise_bdy_err = result.nat_err, result.bdy_err
+                out.update(result.summary())
+            self.fairness.update(classwise_nat_err, classwise_bdy_err)
+        return out
+
+    def state_dict(self) -> dict:
+        state = {
+            "format": 1,
+            "config": dataclasses.asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "fairness": self.fairness.state_dict(),
+            "class_loss_avg": self.class_loss_avg.cpu(),
+            "epoch_loss_sum": self._epoch_loss_sum.cpu(),
+            "epoch_loss_count": self._epoch_loss_count.cpu(),
+            "iteration": self.iteration,
+            "skipped_steps": self.skipped_steps,
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.meta_net is not None:
+            state["meta_net"] = self.meta_net.state_dict()
+            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != 1:
+            raise ValueError(f"unsupported trainer state format {state.get('format')!r}, expected 1")
+        saved = state["config"]
+        for key in ("method", "num_classes", "bound_mode"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(f"trainer state was saved with {key}={saved.get(key)!r}, "
+                                 f"this trainer has {key}={getattr(self.config, key)!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.meta_net is not None:
+            self.meta_net.load_state_dict(state["meta_net"])
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.fairness.load_state_dict(state["fairness"])
+        self.class_loss_avg = state["class_loss_avg"].to(self.device)
+        self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
+        self._epoch_loss_count = state["epoch_loss_count"].to(self.device)
+        self.iteration = int(state["iteration"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])

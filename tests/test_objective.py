@@ -1,0 +1,96 @@
+"""The AAA objective, the per-sample features and the fairness multipliers against hand values."""
+import math
+
+import pytest
+import torch
+
+from aaa_fast.fairness import FairnessMultipliers
+from aaa_fast.objective import sample_features, weighted_objective
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+def test_three_terms_against_hand_computation():
+    y = torch.tensor([0, 1, 0])
+    # softmax rows: (1/2, 1/2), (1/2, 1/2), (3/4, 1/4)
+    nat = torch.tensor([[0.0, 0.0], [0.0, 0.0], [LN3, 0.0]], dtype=torch.float64)
+    adv = torch.zeros(3, 2, dtype=torch.float64)
+    anti = torch.tensor([[LN3, 0.0], [0.0, 0.0], [0.0, LN3]], dtype=torch.float64)
+    a = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+    u = torch.tensor([2.0, 1.0], dtype=torch.float64)  # u_y = (2, 1, 2)
+    v = torch.tensor([1.0, 3.0], dtype=torch.float64)  # v_y = (1, 3, 1)
+    terms = weighted_objective(y, nat, a=a, u=u, adv_logits=adv, v=v, lam=1.5, anti_logits=anti, b=b)
+    natural = (1 * 2 * LN2 + 0 + 0.5 * 2 * math.log(4 / 3)) / 5
+    kl_row3 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    boundary = 0.5 * 1 * kl_row3 / 5
+    anti_term = (0 + LN2 + 0.5 * math.log(4)) / 3
+    assert terms.natural.item() == pytest.approx(natural, rel=1e-12)
+    assert terms.boundary.item() == pytest.approx(boundary, rel=1e-12)
+    assert terms.anti.item() == pytest.approx(anti_term, rel=1e-12)
+    assert terms.total.item() == pytest.approx(natural + 1.5 * boundary + anti_term, rel=1e-12)
+    torch.testing.assert_close(terms.per_sample_ce, torch.tensor([LN2, LN2, math.log(4 / 3)], dtype=torch.float64))
+
+
+def test_baselines_are_special_cases():
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (6,))
+    nat, adv = torch.randn(6, 4), torch.randn(6, 4)
+    erm = weighted_objective(y, nat)
+    assert torch.allclose(erm.total, torch.nn.functional.cross_entropy(nat, y))
+    trades = weighted_objective(y, nat, adv_logits=adv, lam=6.0)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(adv, 1), torch.softmax(nat, 1), reduction="batchmean")
+    assert torch.allclose(trades.total, torch.nn.functional.cross_entropy(nat, y) + 6 * kl, atol=1e-6)
+    # class weights that are all equal change nothing (the objective normalises by their sum)
+    same = weighted_objective(y, nat, u=torch.full((4,), 0.25), adv_logits=adv, v=torch.full((4,), 0.25), lam=6.0)
+    assert torch.allclose(same.total, trades.total, atol=1e-6)
+
+
+def test_features_against_hand_values():
+    y = torch.tensor([0, 1])
+    logits = torch.tensor([[LN3, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # p = (3/5, 1/5, 1/5), uniform
+    class_loss = torch.tensor([5.0, 0.7, 2.0], dtype=torch.float64)
+    share = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    f = sample_features(logits, y, class_loss, share)
+    p1, p2 = [0.6, 0.2, 0.2], [1 / 3] * 3
+    expected = torch.tensor([
+        [-math.log(0.6), 5.0, math.sqrt(0.4**2 + 0.2**2 + 0.2**2), 0.6 - 0.2, sum(p * math.log(p) for p in p1), 0.5],
+        [math.log(3), 0.7, math.sqrt((2 / 3) ** 2 + 2 * (1 / 3) ** 2), 0.0, -math.log(3), 0.3],
+    ], dtype=torch.float64)
+    torch.testing.assert_close(f, expected)
+    assert not f.requires_grad
+
+
+def test_multiplier_update_against_hand_values():
+    m = FairnessMultipliers(3)
+    m.update([0.1, 0.2, 0.6], [0.3, 0.1, 0.2])
+    # gamma = e - 0.3 - 0.07 = (-0.27, -0.17, 0.23) -> nu = clamp(0.05 gamma, 0) = (0, 0, 0.0115)
+    # kappa = r - 0.2 - 0.07 = (0.03, -0.17, -0.07) -> eta = clamp(0.1 kappa, 0) = (0.003, 0, 0); mu = 0.2 kappa
+    torch.testing.assert_close(m.nu, torch.tensor([0.0, 0.0, 0.0115], dtype=torch.float64))
+    torch.testing.assert_close(m.eta, torch.tensor([0.003, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(m.mu, torch.tensor([0.006, -0.034, -0.014], dtype=torch.float64))
+    u, v = m.class_weights()
+    torch.testing.assert_close(u, torch.tensor([1 / 3 - 0.0115 / 3, 1 / 3 - 0.0115 / 3, 1 / 3 + 2 * 0.0115 / 3]))
+    torch.testing.assert_close(v, torch.tensor([1 / 3 + 2 * 0.001, 1 / 3 - 0.001, 1 / 3 - 0.001]))
+    torch.testing.assert_close(m.bound_multipliers(), torch.tensor([math.exp(0.012), 0.98, 0.98]))
+
+
+def test_multiplier_cap_halving_and_state():
+    m = FairnessMultipliers(2, tau=0.0, rho1=1.0)
+    m.update([1.0, 0.0], [0.0, 0.0])  # gamma = (0.5, -0.5): nu = (0.5, 0) already at the cap
+    m.update([1.0, 0.0], [0.0, 0.0])  # nu + gamma = (1.0, 0) -> rescaled to sum 0.5
+    torch.testing.assert_close(m.nu, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    halving = FairnessMultipliers(2, tau=0.0, rho1=0.1, halve_every=2)
+    steps = []
+    for _ in range(4):
+        before = halving.nu.clone()
+        halving.update([0.1, 0.0], [0.0, 0.0])  # gamma_0 = 0.05
+        steps.append((halving.nu - before)[0].item())
+    assert steps == pytest.approx([0.005, 0.005, 0.0025, 0.0025])
+    restored = FairnessMultipliers(2)
+    restored.load_state_dict(halving.state_dict())
+    assert torch.equal(restored.nu, halving.nu) and restored.updates == 4
+    with pytest.raises(ValueError, match="classwise_nat_err must have shape"):
+        m.update([0.1, 0.2, 0.3], [0.0, 0.0])
+    with pytest.raises(ValueError, match="must be finite"):
+        m.update([float("nan"), 0.2], [0.0, 0.0])

@@ -1,0 +1,224 @@
+"""AAATrainer: baselines against hand-written loops, AAA behaviour, BN isolation, exact resume."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aaa_fast
+from aaa_fast import AAAConfig, AAATrainer, MetaNet
+from aaa_fast.models import build_model
+
+
+def small_cnn(seed=0, classes=4):
+    torch.manual_seed(seed)
+    return build_model("small-cnn", in_channels=1, num_classes=classes)
+
+
+def toy_problem(n=32, classes=4, seed=0):
+    """Separable 14x14 images: class c lights up quadrant c."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = 0.2 * torch.rand(n, 1, 14, 14, generator=g)
+    for c in range(classes):
+        r, q = divmod(c, 2)
+        x[y == c, :, 7 * r:7 * r + 7, 7 * q:7 * q + 7] += 0.7
+    return x.clamp(0, 1), y
+
+
+def make_trainer(method="aaa", seed=0, classes=4, meta_net=None, **cfg):
+    model = small_cnn(seed, classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    if method == "aaa" and meta_net is None:
+        torch.manual_seed(seed + 100)
+        meta_net = MetaNet(temperature=cfg.pop("temperature", 1e-3), bound_head=cfg.get("bound_mode") == "meta")
+    meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-3, weight_decay=5e-4) if meta_net is not None else None
+    config = AAAConfig(method=method, num_classes=classes, steps=cfg.pop("steps", 3), **cfg)
+    return AAATrainer(model, opt, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
+
+
+def test_erm_step_equals_plain_sgd_step():
+    x, y = toy_problem()
+    trainer = make_trainer("erm")
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        trainer.step(x, y)
+        opt.zero_grad()
+        F.cross_entropy(model.train()(x), y).backward()
+        opt.step()
+    for p, q in zip(trainer.model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_pgd_at_step_equals_perturb_then_sgd():
+    x, y = toy_problem()
+    trainer = make_trainer("pgd-at", eps=0.1, alpha=0.03, seed=0)
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        trainer.step(x, y)
+        x_adv = aaa_fast.perturb(model, x, y, eps=0.1, alpha=0.03, steps=3, generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model.train()(x_adv), y).backward()
+        opt.step()
+    for p, q in zip(trainer.model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa"])
+def test_every_method_learns_the_toy_problem(method):
+    x, y = toy_problem(48)
+    x_meta, y_meta = toy_problem(8, seed=1)
+    trainer = make_trainer(method, eps=0.05, alpha=0.02, meta_every=2)
+    losses = [trainer.step(x, y, x_meta, y_meta)["loss"] for _ in range(12)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    with torch.no_grad():
+        acc = (trainer.model.eval()(x).argmax(1) == y).float().mean()
+    assert acc > 0.5
+
+
+def test_meta_step_moves_the_meta_net_and_only_the_real_step_touches_batchnorm():
+    x, y = toy_problem(16)
+    x_meta, y_meta = toy_problem(8, seed=1)
+    with_meta = make_trainer("aaa", meta_every=1, temperature=0.05)
+    without = make_trainer("aaa", meta_every=1, temperature=0.05)
+    meta_before = [p.clone() for p in with_meta.meta_net.parameters()]
+    with_meta.step(x, y, x_meta, y_meta)
+    without.step(x, y)  # no meta batch: no meta step
+    assert any(not torch.equal(a, b) for a, b in zip(meta_before, with_meta.meta_net.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(meta_before, without.meta_net.parameters()))
+    # the meta step changed (a, b), so the weights differ, but BatchNorm statistics saw exactly one
+    # real forward of the same rows in both trainers
+    assert any(not torch.equal(p, q) for p, q in zip(with_meta.model.parameters(), without.model.parameters()))
+    for (name, b1), (_, b2) in zip(with_meta.model.named_buffers(), without.model.named_buffers()):
+        assert torch.equal(b1, b2), name
+    assert int(dict(with_meta.model.named_buffers())["features.1.num_batches_tracked"]) == 1
+
+
+def test_meta_bounds_mode_moves_the_bound_head():
+    x, y = toy_problem(16)
+    x_meta, y_meta = toy_problem(8, seed=1)
+    trainer = make_trainer("aaa", bound_mode="meta", meta_every=1, temperature=0.05, eps=0.05)
+    head_before = trainer.meta_net.net[-1].weight[2].clone()
+    stats = [trainer.step(x, y, x_meta, y_meta) for _ in range(2)]
+    assert not torch.equal(head_before, trainer.meta_net.net[-1].weight[2])
+    assert all(0.5 * 0.05 <= s["mean_eps"] <= 2 * 0.05 for s in stats)
+
+
+def test_state_dict_round_trip_gives_identical_next_steps():
+    x, y = toy_problem(16)
+    x_meta, y_meta = toy_problem(8, seed=1)
+    trainer = make_trainer("aaa", meta_every=2, temperature=0.05)
+    for _ in range(3):
+        trainer.step(x, y, x_meta, y_meta)
+    trainer.end_epoch(x_meta, y_meta)
+    state = copy.deepcopy(trainer.state_dict())
+    expected = [trainer.step(x, y, x_meta, y_meta) for _ in range(3)]
+
+    resumed = make_trainer("aaa", seed=5, meta_every=2, temperature=0.05)  # different init, overwritten
+    resumed.load_state_dict(state)
+    got = [resumed.step(x, y, x_meta, y_meta) for _ in range(3)]
+    assert got == expected
+    for p, q in zip(trainer.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_zero_meta_head_reduces_exactly_to_fixed_half_weights():
+    """A meta-net whose output layer is zero gives a = b = 1/2 at any T: without meta steps the
+    AAA trainer must follow aaa-fixed with weights (1/2, 1/2) exactly."""
+    x, y = toy_problem(16)
+    meta_net = MetaNet(temperature=1e-3)
+    nn.init.zeros_(meta_net.net[-1].weight)
+    nn.init.zeros_(meta_net.net[-1].bias)
+    aaa = make_trainer("aaa", meta_net=meta_net, meta_every=10**9)
+    fixed = make_trainer("aaa-fixed", fixed_weights=(0.5, 0.5))
+    for _ in range(3):
+        sa = aaa.step(x, y)
+        sf = fixed.step(x, y)
+        assert sa["loss"] == sf["loss"]
+    for p, q in zip(aaa.model.parameters(), fixed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_large_temperature_approaches_fixed_half_weights():
+    x, y = toy_problem(16)
+    aaa = make_trainer("aaa", temperature=1e6, meta_every=10**9)
+    fixed = make_trainer("aaa-fixed", fixed_weights=(0.5, 0.5))
+    sa, sf = aaa.step(x, y), fixed.step(x, y)
+    assert sa["loss"] == pytest.approx(sf["loss"], rel=1e-5)
+
+
+def test_fairness_update_at_epoch_end_changes_class_weights_and_margins():
+    x, y = toy_problem(16)
+    trainer = make_trainer("frl", eps=0.05)
+    trainer.step(x, y)
+    trainer.end_epoch(classwise_nat_err=[0.0, 0.0, 0.5, 0.0], classwise_bdy_err=[0.6, 0.0, 0.0, 0.0])
+    u, v = trainer._class_weights()
+    assert u.argmax() == 2 and v.argmax() == 0
+    assert trainer._row_bounds(torch.tensor([0, 1]))[0] > trainer._row_bounds(torch.tensor([0, 1]))[1]
+    # feature 2: this epoch's class losses replaced the initial 5.0
+    assert (trainer.class_loss_avg < 5.0).all()
+
+
+def test_nonfinite_loss_stops_or_is_skipped():
+    x, y = toy_problem(8)
+    x[0, 0, 0, 0] = float("nan")
+    trainer = make_trainer("erm")
+    before = [p.clone() for p in trainer.model.parameters()]
+    with pytest.raises(FloatingPointError, match="iteration 0"):
+        trainer.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    skipping = make_trainer("erm", skip_nonfinite=True)
+    assert skipping.step(x, y)["skipped"] and skipping.skipped_steps == 1
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_and_channels_last(amp):
+    x, y = toy_problem(16)
+    x_meta, y_meta = toy_problem(8, seed=1)
+    trainer = make_trainer("aaa", amp=amp, channels_last=True, meta_every=1, temperature=0.05)
+    stats = [trainer.step(x, y, x_meta, y_meta) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in stats)
+    assert next(trainer.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    (dict(method="sgd"), "method must be one of"),
+    (dict(bound_mode="wide"), "bound_mode must be one of"),
+    (dict(method="trades", bound_mode="meta"), "needs method='aaa'"),
+    (dict(eps=-1.0), "eps must be finite and >= 0"),
+    (dict(meta_every=0), "meta_every must be an int >= 1"),
+    (dict(amp="fp8"), "amp must be one of"),
+    (dict(class_share=[0.5, 0.5]), "class_share needs 10 values"),
+])
+def test_config_errors(kwargs, text):
+    with pytest.raises(ValueError, match=text):
+        AAAConfig(**kwargs)
+
+
+def test_trainer_argument_errors():
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="needs meta_net and meta_optimizer"):
+        AAATrainer(model, opt, config=AAAConfig(method="aaa", num_classes=4))
+    meta = MetaNet()
+    with pytest.raises(ValueError, match="bound_head=True"):
+        AAATrainer(model, opt, meta_net=meta, meta_optimizer=torch.optim.Adam(meta.parameters()),
+                   config=AAAConfig(method="aaa", num_classes=4, bound_mode="meta"))
+    with pytest.raises(TypeError, match="use torch.optim.SGD"):
+        AAATrainer(model, torch.optim.Adam(model.parameters()), meta_net=meta,
+                   meta_optimizer=torch.optim.Adam(meta.parameters()), config=AAAConfig(method="aaa", num_classes=4))
+    trainer = make_trainer("erm")
+    x, y = toy_problem(8)
+    with pytest.raises(ValueError, match="x has 8 rows but y has 7"):
+        trainer.step(x, y[:7])
+    trades = make_trainer("frl")
+    with pytest.raises(ValueError, match="pass the meta set"):
+        trades.end_epoch()
+    other = make_trainer("trades")
+    with pytest.raises(ValueError, match="saved with method='frl'"):
+        other.load_state_dict(trades.state_dict())
