@@ -36,7 +36,7 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
@@ -77,7 +77,7 @@ def _check_inputs(model: nn.Module, x, y, steps, norm: str, random_start, amp_dt
         raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
 
 
-def _check_labels(y: Tensor, num_classes: int) -> None:
+def check_labels(y: Tensor, num_classes: int) -> None:
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
     if y.numel() and not torch.compiler.is_compiling():
@@ -99,10 +99,10 @@ def starting_point(x: Tensor, eps: Tensor, random_start, norm: str, lo: float, h
 
 def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn: LossFn,
             direction: Tensor, eps: Tensor, alpha: Tensor, steps: int, norm: str, lo: float, hi: float,
-            amp_dtype: torch.dtype | None, check_labels: bool = False,
+            amp_dtype: torch.dtype | None, validate_labels: bool = False,
             keep_unprojected: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The PGD loop on validated float32 (N,) direction/eps/alpha; model already in eval mode.
-    check_labels: validate y against the number of outputs on the first forward.
+    validate_labels: check y against the number of outputs on the first forward.
     keep_unprojected: also return v, the last iterate before its projection (float32), from
     which `ops.reference.project(v, x_nat, eps)` rebuilds the result differentiably in eps.
 
@@ -112,17 +112,17 @@ def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn
     scale = FP16_LOSS_SCALE if amp_dtype == torch.float16 else 1.0
     x_adv = x_start.detach()
     if steps == 0:  # project the start
-        if check_labels:
-            _check_labels(y, 2**62)  # no forward to learn the class count from: check the dtype
+        if validate_labels:
+            check_labels(y, 2**62)  # no forward to learn the class count from: check the dtype
         out = launch_pgd_step_(x_adv.clone(), x_nat, torch.zeros_like(x_adv), direction, eps, alpha, norm, lo, hi)
         return (out, x_adv.float()) if keep_unprojected else out
     for step in range(steps):
         x_adv.requires_grad_(True)
-        with _autocast(x_nat.device, amp_dtype):
+        with autocast(x_nat.device, amp_dtype):
             logits = model(x_adv)
-        if check_labels:
-            _check_labels(y, logits.shape[1])
-            check_labels = False
+        if validate_labels:
+            check_labels(y, logits.shape[1])
+            validate_labels = False
         loss = loss_fn(logits, y)
         if loss.shape != x_adv.shape[:1]:
             raise ValueError(f"loss_fn must return one loss per sample, shape ({x_adv.shape[0]},), "
@@ -161,14 +161,14 @@ def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255,
     x = x.detach()
     with eval_mode(model):
         if loss_fn is None and loss == "kl":
-            with torch.no_grad(), _autocast(device, amp_dtype):
+            with torch.no_grad(), autocast(device, amp_dtype):
                 clean_logits = model(x)
-            _check_labels(y, clean_logits.shape[1])
+            check_labels(y, clean_logits.shape[1])
             loss_fn = kl_to_clean(clean_logits)
-        check_labels = loss_fn is None  # cross-entropy: checked on the first forward
+        validate_labels = loss_fn is None  # cross-entropy: checked on the first forward
         start = starting_point(x, e, random_start, norm, lo, hi, generator)
         return run_pgd(model, x, start, y, loss_fn or cross_entropy, d, e, a, steps, norm, lo, hi, amp_dtype,
-                       check_labels)
+                       validate_labels)
 
 
 def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, steps: int = 10, alpha=2 / 255,
@@ -198,11 +198,11 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
     x = x.detach()
     x2 = torch.cat([x, x])
     direction = torch.cat([torch.ones(n, device=device), -torch.ones(n, device=device)])
-    d, e, a = prepare_step_args(x2, x2, x2, direction, both_halves("eps", eps), both_halves("alpha", alpha), norm, lo, hi)
+    _, e, a = prepare_step_args(x2, x2, x2, direction, both_halves("eps", eps), both_halves("alpha", alpha), norm, lo, hi)
     with eval_mode(model):
-        with torch.no_grad(), _autocast(device, amp_dtype):
+        with torch.no_grad(), autocast(device, amp_dtype):
             clean_logits = model(x)
-        _check_labels(y, clean_logits.shape[1])
+        check_labels(y, clean_logits.shape[1])
         out = build_pair(model, x, y, clean_logits, e, a, steps=steps, adv_loss=adv_loss, norm=norm,
                          random_start=random_start, lo=lo, hi=hi, amp_dtype=amp_dtype, generator=generator)
     return out[:n], out[n:]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attack import _autocast, eval_mode, perturb
+from .attack import autocast, eval_mode, perturb
 
 
 @dataclass
@@ -62,12 +62,12 @@ def classwise_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int,
         yb = y[start:start + batch_size].to(device, non_blocking=True).long()
         if xb.dtype == torch.uint8:
             xb = xb.float() / 255
-        with eval_mode(model), torch.no_grad(), _autocast(device, amp_dtype):
+        with eval_mode(model), torch.no_grad(), autocast(device, amp_dtype):
             nat_ok = model(xb).argmax(1) == yb
         if steps > 0 and eps > 0:
             xa = perturb(model, xb, yb, eps=eps, steps=steps, alpha=alpha, random_start=True,
                          amp_dtype=amp_dtype, generator=generator)
-            with eval_mode(model), torch.no_grad(), _autocast(device, amp_dtype):
+            with eval_mode(model), torch.no_grad(), autocast(device, amp_dtype):
                 rob_ok = model(xa).argmax(1) == yb
         else:
             rob_ok = nat_ok

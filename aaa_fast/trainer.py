@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .attack import _autocast, _check_labels, build_pair, eval_mode, perturb
+from .attack import autocast, check_labels, build_pair, eval_mode, perturb
 from .evaluate import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import MetaNet, meta_gradient
@@ -121,6 +121,9 @@ class AAATrainer:
         self.iteration = 0
         self.skipped_steps = 0
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # data parallelism: called with the model's (and the meta-net's) gradients before each
+        # optimizer step, e.g. to average them across ranks (see aaa_fast.train.Distributed)
+        self.grad_sync: Callable[[list[Tensor]], None] | None = None
 
     # ------------------------------------------------------------------ helpers
     def _inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,15 +157,15 @@ class AAATrainer:
                               amp_dtype=self.amp_dtype, generator=self.generator, keep_unprojected=keep_unprojected)
 
     def _clean_logits(self, x: Tensor, y: Tensor) -> Tensor:
-        with eval_mode(self.model), torch.no_grad(), _autocast(self.device, self.amp_dtype):
+        with eval_mode(self.model), torch.no_grad(), autocast(self.device, self.amp_dtype):
             logits = self.model(x)
-        _check_labels(y, logits.shape[1])
+        check_labels(y, logits.shape[1])
         return logits
 
     def _forward(self, rows: list[Tensor], model_call=None) -> list[Tensor]:
         """One train-mode forward of all rows concatenated, split back."""
         call = model_call or self.model
-        with _autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype):
             logits = call(torch.cat(rows))
         return list(logits.split([r.shape[0] for r in rows]))
 
@@ -223,6 +226,8 @@ class AAATrainer:
             return self._nonfinite(terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms.total).backward()
+        if self.grad_sync is not None:
+            self.grad_sync([p.grad for p in model.parameters() if p.grad is not None])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._epoch_loss_sum.index_add_(0, y, terms.per_sample_ce.double())
@@ -278,6 +283,8 @@ class AAATrainer:
             grads = meta_gradient(self.model, self.meta_net, self.optimizer, train_loss, meta_loss)
         finally:
             self.amp_dtype = amp_dtype
+        if self.grad_sync is not None:
+            self.grad_sync(grads)
         self.meta_optimizer.zero_grad(set_to_none=True)
         for p, g in zip([p for p in self.meta_net.parameters() if p.requires_grad], grads):
             p.grad = g

@@ -27,19 +27,26 @@ from aaa_fast.runtime import keep_cpu_memory  # noqa: E402
 INPUTS = {"small-cnn": (1, 28), "preact-resnet18": (3, 32), "resnet32": (3, 32), "wrn16-4": (3, 32)}
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
+def timed_round_robin(fns: dict, device, repeats: int) -> dict:
+    """Median wall time of each function. All are warmed up, then timed in interleaved rounds
+    (rotating the order), so drift of the machine does not favour whichever runs first."""
+    def once(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - t
+
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(once(fns[name]))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def run(arch: str, args, device) -> list[tuple[str, str, float]]:
@@ -81,8 +88,8 @@ def run(arch: str, args, device) -> list[tuple[str, str, float]]:
         ],
     }
     for group, impls in groups.items():
-        for name, fn in impls:
-            rows.append((group, name, args.batch / timed(fn, device, args.repeats)))
+        medians = timed_round_robin(dict(impls), device, args.repeats)
+        rows += [(group, name, args.batch / medians[name]) for name, _ in impls]
     return rows
 
 
@@ -91,7 +98,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["small-cnn", "preact-resnet18"], choices=sorted(INPUTS))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

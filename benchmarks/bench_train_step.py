@@ -1,0 +1,151 @@
+"""Training-step throughput (iterations/s) of every method, measured in one run.
+
+- ERM, PGD-AT, TRADES and AAA steps of aaa_fast.AAATrainer;
+- AAA with a meta step every 50 iterations and every iteration: a meta iteration and a plain
+  one are timed separately and combined as (meta + (k-1) * plain) / k;
+- the straightforward reference implementation (benchmarks/baselines/reference_aaa.py);
+- the forward/backward passes an AAA iteration minimally needs, timed bare: the clean eval
+  forward, K attack steps of forward + input-gradient backward on 2N rows, and the train
+  forward + backward on 3N rows.
+
+    python benchmarks/bench_train_step.py [--arch preact-resnet18] [--batch 128] [--steps 10]
+        [--amp bf16] [--channels-last] [--compile] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines.reference_aaa import reference_iteration  # noqa: E402
+
+from aaa_fast import AAAConfig, AAATrainer, MetaNet  # noqa: E402
+from aaa_fast.models import build_model  # noqa: E402
+from aaa_fast.runtime import keep_cpu_memory  # noqa: E402
+
+INPUTS = {"small-cnn": (1, 28), "preact-resnet18": (3, 32), "resnet32": (3, 32), "wrn16-4": (3, 32),
+          "wrn28-10": (3, 32)}
+
+
+def timed(fn, device, repeats):
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return sorted(out)[len(out) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="preact-resnet18", choices=sorted(INPUTS))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--meta-batch", type=int, default=100)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for aaa_fast's steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    kept = keep_cpu_memory()
+    channels, size = INPUTS[args.arch]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"# bench_train_step: {where}, torch {torch.__version__}; {args.arch}, batch {args.batch}, meta batch "
+          f"{args.meta_batch}, {args.steps} attack steps, amp {args.amp}, channels_last {args.channels_last}, "
+          f"compile {args.compile}, median of {args.repeats}, keep_cpu_memory {kept}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, channels, size, size, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    xm = torch.rand(args.meta_batch, channels, size, size, generator=g).to(device)
+    ym = (torch.arange(args.meta_batch) % 10).to(device)
+
+    def fresh(method, **cfg):
+        torch.manual_seed(0)
+        model = build_model(args.arch, in_channels=channels).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        meta = MetaNet().to(device) if method == "aaa" else None
+        meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-4) if meta is not None else None
+        config = AAAConfig(method=method, steps=args.steps, amp=args.amp, channels_last=args.channels_last, **cfg)
+        trainer = AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
+        if args.compile:
+            trainer.model = torch.compile(model)
+        return trainer
+
+    rows = {}
+    for method in ("erm", "pgd-at", "trades"):
+        trainer = fresh(method)
+        rows[method] = timed(lambda: trainer.step(x, y), device, args.repeats)
+    aaa = fresh("aaa", meta_every=1)
+    plain = fresh("aaa", meta_every=10**9)
+    t_meta = timed(lambda: aaa.step(x, y, xm, ym), device, args.repeats)
+    t_plain = timed(lambda: plain.step(x, y, xm, ym), device, args.repeats)
+    rows["aaa (meta every 50)"] = (t_meta + 49 * t_plain) / 50
+    rows["aaa (meta every 1)"] = t_meta
+
+    # the passes an AAA iteration (no meta step) minimally needs, bare
+    model = fresh("erm").model
+    x2, x3 = torch.cat([x, x]), torch.cat([x, x, x])
+    y2, y3 = torch.cat([y, y]), torch.cat([y, y, y])
+    amp_ctx = (lambda: torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])) \
+        if args.amp != "none" else (lambda: torch.autocast(device.type, enabled=False))
+
+    def minimal():
+        model.eval()
+        with torch.no_grad(), amp_ctx():
+            model(x)
+        xa = x2.clone()
+        for _ in range(args.steps):
+            xa.requires_grad_(True)
+            with amp_ctx():
+                loss = F.cross_entropy(model(xa).float(), y2, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, xa)
+            xa = (xa.detach() + 0.001 * grad.sign()).clamp(0, 1)
+        model.train()
+        with amp_ctx():
+            loss = F.cross_entropy(model(x3).float(), y3)
+        loss.backward()
+
+    t_min = timed(minimal, device, args.repeats)
+
+    if not args.skip_reference:
+        torch.manual_seed(0)
+        ref_model = build_model(args.arch, in_channels=channels).to(device)
+        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        ref_meta = MetaNet().to(device)
+        ref_meta_opt = torch.optim.Adam(ref_meta.parameters(), lr=1e-4)
+        common = dict(eps=10 / 255, alpha=2 / 255, steps=args.steps, lam=1.5,
+                      class_loss_avg=torch.full((10,), 5.0, device=device),
+                      class_share=torch.full((10,), 0.1, device=device))
+        r_meta = timed(lambda: reference_iteration(ref_model, ref_opt, ref_meta, ref_meta_opt, x, y, xm, ym,
+                                                   meta_step=True, **common), device, args.repeats)
+        r_plain = timed(lambda: reference_iteration(ref_model, ref_opt, ref_meta, ref_meta_opt, x, y, xm, ym,
+                                                    meta_step=False, **common), device, args.repeats)
+        rows["reference (meta every 50)"] = (r_meta + 49 * r_plain) / 50
+        rows["reference (meta every 1)"] = r_meta
+
+    baseline_of = {f"aaa (meta every {k})": f"reference (meta every {k})" for k in (1, 50)}
+    print(f"{'step':<28} {'s/iter':>8} {'iter/s':>8} {'vs reference':>12}")
+    for name, t in rows.items():
+        ref = rows.get(baseline_of.get(name, ""))
+        ratio = f"{ref / t:>11.2f}x" if ref else ""
+        print(f"{name:<28} {t:>8.3f} {1 / t:>8.3f} {ratio:>12}")
+    print(f"{'minimal fwd/bwd passes':<28} {t_min:>8.3f} {1 / t_min:>8.3f}")
+    print(f"aaa (no meta step) / minimal passes: {t_plain / t_min:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""python -m aaa_fast.train end to end on fake Fashion-MNIST files: every method, exact resume
+after SIGKILL, a 2-process gloo torchrun, bad flags."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fake_data import fake_fashion_mnist
+
+QUICK = ["--dataset", "fashion-mnist", "--arch", "small-cnn", "--epochs", "2", "--batch-size", "64",
+         "--steps", "2", "--num-meta", "50", "--meta-batch-size", "20", "--meta-every", "2", "--eval-steps", "2",
+         "--eval-subset", "50", "--lr", "0.05", "--progress", "lines", "--device", "cpu"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=300, n_test=100)
+
+
+def run_cli(args, check=True, **kw):
+    out = subprocess.run([sys.executable, "-m", "aaa_fast.train", *args], capture_output=True, text=True, env=ENV,
+                         timeout=600, **kw)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("method", ["erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa"])
+def test_every_method_end_to_end(tmp_path, data_dir, method):
+    out = tmp_path / method
+    res = run_cli([*QUICK, "--data-dir", data_dir, "--method", method, "--out", str(out)])
+    for name in ("config.json", "metrics.csv", "final.json", "checkpoint.pt", "best.pt", "curves.png", "classwise.png"):
+        assert (out / name).exists(), name
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    final = json.loads((out / "final.json").read_text())
+    assert 0 <= final["pgd_acc"] <= final["clean_acc"] <= 100
+    assert len(final["classwise_clean_acc"]) == 10
+    assert final["worst_nat_err"] >= final["avg_nat_err"]
+    assert "average" in res.stdout and "worst" in res.stdout and "epoch 2/2" in res.stdout
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
+    args = [*QUICK, "--epochs", "3", "--data-dir", data_dir, "--method", "aaa"]
+    run_cli([*args, "--out", str(tmp_path / "whole")])
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "aaa_fast.train", *args, "--out", str(cut)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cut / "metrics.csv").exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "final.json").exists()
+    run_cli([*args, "--out", str(cut), "--resume"])
+    whole = json.loads((tmp_path / "whole" / "final.json").read_text())
+    resumed = json.loads((cut / "final.json").read_text())
+    assert resumed == whole
+    assert (tmp_path / "whole" / "metrics.csv").read_text().count("\n") == (cut / "metrics.csv").read_text().count("\n")
+
+
+def test_torchrun_two_gloo_processes(tmp_path, data_dir):
+    out = tmp_path / "ddp"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "aaa_fast.train", *QUICK, "--data-dir", data_dir,
+                          "--method", "aaa", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert set(final) >= {"clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err", "classwise_pgd_acc"}
+    assert res.stdout.count("epoch 2/2") == 1  # only rank 0 reports
+
+
+@pytest.mark.parametrize("flags,text", [
+    (["--eps", "-0.1"], "--eps: must be >= 0"),
+    (["--noise-rate", "1.0"], "--noise-rate: must be < 1"),
+    (["--imbalance-factor", "0.5"], "--imbalance-factor/--imbalance-ratio: must be >= 1"),
+    (["--arch", "vgg"], "invalid choice: 'vgg'"),
+    (["--method", "mart"], "invalid choice: 'mart'"),
+    (["--dataset", "svhn"], "invalid choice: 'svhn'"),
+    (["--eps", "nan"], "expected a finite number"),
+])
+def test_bad_flags_are_rejected(flags, text):
+    res = run_cli([*QUICK, *flags], check=False)
+    assert res.returncode == 2 and text in res.stderr
+
+
+def test_missing_data_and_unwritable_out(tmp_path, data_dir):
+    res = run_cli([*QUICK, "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], check=False)
+    assert res.returncode != 0 and "dataset-fashion-mnist" in res.stderr
+    res = run_cli([*QUICK, "--data-dir", data_dir, "--out", "/proc/forbidden/run"], check=False)
+    assert res.returncode != 0 and "cannot write to --out" in res.stderr
+
+
+def test_existing_run_needs_resume_and_matching_config(tmp_path, data_dir):
+    out = str(tmp_path / "r")
+    run_cli([*QUICK, "--epochs", "1", "--data-dir", data_dir, "--method", "erm", "--out", out])
+    res = run_cli([*QUICK, "--epochs", "1", "--data-dir", data_dir, "--method", "erm", "--out", out], check=False)
+    assert res.returncode != 0 and "pass --resume" in res.stderr
+    res = run_cli([*QUICK, "--epochs", "1", "--data-dir", data_dir, "--method", "trades", "--out", out, "--resume"],
+                  check=False)
+    assert res.returncode != 0 and "another configuration" in res.stderr
