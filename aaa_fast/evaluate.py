@@ -76,3 +76,55 @@ def classwise_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int,
         correct_rob.index_add_(0, yb, rob_ok.double())
     denom = counts.clamp_min(1)
     return ClasswiseResult((correct_nat / denom).cpu(), (correct_rob / denom).cpu(), counts.cpu())
+
+
+def main(argv=None) -> None:
+    """python -m aaa_fast.evaluate --checkpoint RUN/best.pt: the FRL table on the test set."""
+    import argparse
+    import json
+    import os
+
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .data import DatasetError, load_dataset
+    from .models import build_model
+    from .train import autoattack_accuracy, evaluate_split, format_final
+
+    p = argparse.ArgumentParser(prog="python -m aaa_fast.evaluate", description=main.__doc__)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a run (config.json beside it)")
+    p.add_argument("--eval-eps", type=float, default=None, help="default: the run's")
+    p.add_argument("--eval-steps", type=int, default=None, help="default: the run's")
+    p.add_argument("--autoattack", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    config_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
+    if not os.path.exists(config_path):
+        raise SystemExit(f"error: {config_path} not found: the checkpoint must sit in its run directory")
+    with open(config_path) as f:
+        run = argparse.Namespace(**json.load(f))
+    try:
+        state = load_checkpoint(args.checkpoint, expected_hash=run.config_hash)
+        data = load_dataset(run.dataset, run.data_dir, download_missing=False)
+    except (CheckpointError, DatasetError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    run.eval_eps = run.eval_eps if args.eval_eps is None else args.eval_eps
+    run.eval_steps = run.eval_steps if args.eval_steps is None else args.eval_steps
+    device = torch.device(args.device)
+    mean, std = data.mean_std
+    model = build_model(run.arch, num_classes=data.num_classes, in_channels=data.train_x.shape[1], mean=mean,
+                        std=std).to(device)
+    model.load_state_dict(state["trainer"]["model"])
+    result = evaluate_split(model, data.test_x.to(device), data.test_y.to(device), data.num_classes, run, device,
+                            seed=run.seed + 99)
+    if args.autoattack:
+        result["autoattack_acc"] = autoattack_accuracy(model, data.test_x.to(device), data.test_y.to(device), run)
+    result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
+                  eval_steps=run.eval_steps, checkpoint=args.checkpoint, epoch=state.get("epoch"))
+    print(format_final(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,40 +13,18 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines.reference_attacks import plain_pgd, reference_pair  # noqa: E402
+from timing import timed_round_robin  # noqa: E402
 
 import aaa_fast  # noqa: E402
 from aaa_fast.models import build_model  # noqa: E402
 from aaa_fast.runtime import keep_cpu_memory  # noqa: E402
 
 INPUTS = {"small-cnn": (1, 28), "preact-resnet18": (3, 32), "resnet32": (3, 32), "wrn16-4": (3, 32)}
-
-
-def timed_round_robin(fns: dict, device, repeats: int) -> dict:
-    """Median wall time of each function. All are warmed up, then timed in interleaved rounds
-    (rotating the order), so drift of the machine does not favour whichever runs first."""
-    def once(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(once(fns[name]))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def run(arch: str, args, device) -> list[tuple[str, str, float]]:

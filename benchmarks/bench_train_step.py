@@ -17,13 +17,13 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines.reference_aaa import reference_iteration  # noqa: E402
+from timing import median_time as timed  # noqa: E402
 
 from aaa_fast import AAAConfig, AAATrainer, MetaNet  # noqa: E402
 from aaa_fast.models import build_model  # noqa: E402
@@ -31,20 +31,6 @@ from aaa_fast.runtime import keep_cpu_memory  # noqa: E402
 
 INPUTS = {"small-cnn": (1, 28), "preact-resnet18": (3, 32), "resnet32": (3, 32), "wrn16-4": (3, 32),
           "wrn28-10": (3, 32)}
-
-
-def timed(fn, device, repeats):
-    fn()
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return sorted(out)[len(out) // 2]
 
 
 def main():

@@ -47,4 +47,22 @@ inline void check_pgd_step_args(const at::Tensor& x_adv, const at::Tensor& x_nat
   }
 }
 
+// What both device bindings need after the checks: the norm and the (N samples, S elements
+// per sample) geometry of the flattened batch. An empty batch has N * S == 0.
+struct StepGeometry {
+  bool l2;
+  int64_t n;
+  int64_t s;
+};
+
+inline StepGeometry prepare_pgd_step(const at::Tensor& x_adv, const at::Tensor& x_nat,
+                                     const at::Tensor& grad, const at::Tensor& direction,
+                                     const at::Tensor& eps, const at::Tensor& alpha,
+                                     c10::string_view norm) {
+  check_pgd_step_args(x_adv, x_nat, grad, direction, eps, alpha);
+  const bool l2 = parse_norm(std::string(norm)) == Norm::L2;
+  const int64_t n = x_adv.size(0);
+  return {l2, n, x_adv.numel() == 0 ? 0 : x_adv.numel() / n};
+}
+
 }  // namespace aaa_fast

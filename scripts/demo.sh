@@ -1,6 +1,19 @@
 #!/usr/bin/env bash
-# The main job: set up (see setup_env.sh), then benchmark the fused PGD step against its
-# baselines on this machine. Extra arguments go to benchmarks/bench_ops.py.
+# The main job: set up (see setup_env.sh), make sure Fashion-MNIST is there (Debian's
+# dataset-fashion-mnist package), then train AAA on it for a few minutes on a CPU and print the
+# FRL table; plots and metrics go to runs/demo. Extra arguments go to python -m aaa_fast.train.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-python benchmarks/bench_ops.py "$@"
+fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$fmnist" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+    else
+        echo "demo: Fashion-MNIST not found; install Debian's dataset-fashion-mnist, or add --download" >&2
+    fi
+fi
+out=runs/demo
+[ -e "$out/checkpoint.pt" ] && out="runs/demo-$(date +%Y%m%d-%H%M%S)"
+python -m aaa_fast.train --dataset fashion-mnist --arch small-cnn --method aaa --epochs 4 --train-subset 6000 \
+    --num-meta 500 --steps 5 --eps 0.1 --batch-size 128 --meta-every 10 --eval-subset 500 --out "$out" "$@"
+echo "demo: metrics, checkpoints and plots in $out/"

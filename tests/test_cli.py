@@ -106,3 +106,10 @@ def test_existing_run_needs_resume_and_matching_config(tmp_path, data_dir):
     res = run_cli([*QUICK, "--epochs", "1", "--data-dir", data_dir, "--method", "trades", "--out", out, "--resume"],
                   check=False)
     assert res.returncode != 0 and "another configuration" in res.stderr
+    # python -m aaa_fast.evaluate re-evaluates the run's best checkpoint on the whole test set
+    ev = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", os.path.join(out, "best.pt"),
+                         "--eval-steps", "2", "--json", os.path.join(out, "eval.json")], capture_output=True,
+                        text=True, env=ENV, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads(open(os.path.join(out, "eval.json")).read())["clean_acc"] == pytest.approx(
+        json.loads(open(os.path.join(out, "final.json")).read())["clean_acc"])

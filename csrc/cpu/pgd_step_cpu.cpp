@@ -83,11 +83,10 @@ void run_best(bool l2, T* xa, const T* xn, const G* g, const float* dir, const f
 void pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad,
                   const at::Tensor& direction, const at::Tensor& eps, const at::Tensor& alpha,
                   c10::string_view norm_name, double lo, double hi) {
-  check_pgd_step_args(x_adv, x_nat, grad, direction, eps, alpha);
-  const bool l2 = parse_norm(std::string(norm_name)) == Norm::L2;
-  const int64_t N = x_adv.size(0);
-  if (x_adv.numel() == 0) return;
-  const int64_t S = x_adv.numel() / N;
+  const StepGeometry geometry = prepare_pgd_step(x_adv, x_nat, grad, direction, eps, alpha, norm_name);
+  const bool l2 = geometry.l2;
+  const int64_t N = geometry.n, S = geometry.s;
+  if (N * S == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "pgd_step_cpu", [&] {
     using T = scalar_t;
     T* xa = x_adv.data_ptr<T>();

@@ -18,12 +18,11 @@ template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad,
                    const at::Tensor& direction, const at::Tensor& eps, const at::Tensor& alpha,
                    c10::string_view norm_name, double lo, double hi) {
-  check_pgd_step_args(x_adv, x_nat, grad, direction, eps, alpha);
-  const bool l2 = parse_norm(std::string(norm_name)) == Norm::L2;
-  const int64_t N = x_adv.size(0);
-  if (x_adv.numel() == 0) return;
+  const StepGeometry geometry = prepare_pgd_step(x_adv, x_nat, grad, direction, eps, alpha, norm_name);
+  const bool l2 = geometry.l2;
+  const int64_t N = geometry.n, S = geometry.s;
+  if (N * S == 0) return;
   TORCH_CHECK(N < (int64_t(1) << 31), "pgd_step_: batch too large for one CUDA grid");
-  const int64_t S = x_adv.numel() / N;
   const c10::cuda::CUDAGuard guard(x_adv.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "pgd_step_cuda", [&] {
