@@ -296,11 +296,10 @@ def train(args: argparse.Namespace) -> dict:
                        temperature=args.temperature, meta_every=args.meta_every,
                        class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
                        fairness_eval_steps=args.eval_steps, amp=args.amp, channels_last=args.channels_last,
+                       compile=args.compile,
                        seed=args.seed, skip_nonfinite=args.skip_nonfinite)
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
     trainer.grad_sync = par.average
-    if args.compile:
-        trainer.model = torch.compile(model)
     steps_per_epoch = math.ceil(scenario.train_y.shape[0] / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     if args.schedule == "step":

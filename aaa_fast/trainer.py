@@ -56,6 +56,8 @@ class AAAConfig:
     fairness_eval_steps: int = 20
     amp: str = "none"                # none | bf16 | fp16 (fp16 uses a GradScaler)
     channels_last: bool = False
+    compile: bool = False            # torch.compile the model for the attacks and the real step; the
+                                     # lookahead stays eager (a compiled backward cannot be differentiated)
     seed: int = 0                    # the attacks' random starts
     skip_nonfinite: bool = False     # skip (and count) a step with a NaN/inf loss instead of raising
     extra: dict = field(default_factory=dict)  # free-form, recorded with checkpoints
@@ -109,6 +111,7 @@ class AAATrainer:
             meta_net.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        self.net = torch.compile(model) if cfg.compile else model  # forwards outside the lookahead
         c = cfg.num_classes
         self.amp_dtype = AMP[cfg.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -151,20 +154,20 @@ class AAATrainer:
     def _pair(self, x: Tensor, y: Tensor, clean_logits: Tensor, eps_rows: Tensor, keep_unprojected: bool = False):
         cfg = self.config
         with eval_mode(self.model):
-            return build_pair(self.model, x, y, clean_logits, eps_rows.repeat(2),
+            return build_pair(self.net, x, y, clean_logits, eps_rows.repeat(2),
                               torch.full((2 * x.shape[0],), cfg.alpha, device=self.device), steps=cfg.steps,
                               adv_loss=cfg.adv_loss, norm=cfg.norm, random_start="normal",
                               amp_dtype=self.amp_dtype, generator=self.generator, keep_unprojected=keep_unprojected)
 
     def _clean_logits(self, x: Tensor, y: Tensor) -> Tensor:
         with eval_mode(self.model), torch.no_grad(), autocast(self.device, self.amp_dtype):
-            logits = self.model(x)
+            logits = self.net(x)
         check_labels(y, logits.shape[1])
         return logits
 
     def _forward(self, rows: list[Tensor], model_call=None) -> list[Tensor]:
         """One train-mode forward of all rows concatenated, split back."""
-        call = model_call or self.model
+        call = model_call or self.net
         with autocast(self.device, self.amp_dtype):
             logits = call(torch.cat(rows))
         return list(logits.split([r.shape[0] for r in rows]))
@@ -185,11 +188,11 @@ class AAATrainer:
         if cfg.method == "erm":
             rows, lam = [x], 0.0
         elif cfg.method == "pgd-at":
-            x_adv = perturb(model, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
+            x_adv = perturb(self.net, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
                             random_start=True, amp_dtype=self.amp_dtype, generator=self.generator)
             rows, lam = [x_adv], 0.0
         elif cfg.method in ("trades", "frl"):
-            x_adv = perturb(model, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
+            x_adv = perturb(self.net, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
                             loss=cfg.adv_loss, random_start="normal", amp_dtype=self.amp_dtype,
                             generator=self.generator)
             rows = [x, x_adv]

@@ -65,11 +65,9 @@ def main():
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         meta = MetaNet().to(device) if method == "aaa" else None
         meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-4) if meta is not None else None
-        config = AAAConfig(method=method, steps=args.steps, amp=args.amp, channels_last=args.channels_last, **cfg)
-        trainer = AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
-        if args.compile:
-            trainer.model = torch.compile(model)
-        return trainer
+        config = AAAConfig(method=method, steps=args.steps, amp=args.amp, channels_last=args.channels_last,
+                           compile=args.compile, **cfg)
+        return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
 
     rows = {}
     for method in ("erm", "pgd-at", "trades"):

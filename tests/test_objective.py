@@ -52,7 +52,7 @@ def test_features_against_hand_values():
     class_loss = torch.tensor([5.0, 0.7, 2.0], dtype=torch.float64)
     share = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     f = sample_features(logits, y, class_loss, share)
-    p1, p2 = [0.6, 0.2, 0.2], [1 / 3] * 3
+    p1 = [0.6, 0.2, 0.2]
     expected = torch.tensor([
         [-math.log(0.6), 5.0, math.sqrt(0.4**2 + 0.2**2 + 0.2**2), 0.6 - 0.2, sum(p * math.log(p) for p in p1), 0.5],
         [math.log(3), 0.7, math.sqrt((2 / 3) ** 2 + 2 * (1 / 3) ** 2), 0.0, -math.log(3), 0.3],
