@@ -40,8 +40,12 @@ def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
     """argparse type: a finite number within [lo, hi] (or open ends), with a clear message."""
     def parse(text: str):
         try:
-            value = kind(eval(text, {"__builtins__": {}}, {}) if "/" in text else text)  # allow 8/255
-        except Exception:  # noqa: BLE001
+            if "/" in text and kind is float:  # budgets are often written as fractions: 8/255
+                num, den = text.split("/")
+                value = float(num) / float(den)
+            else:
+                value = kind(text)
+        except (ValueError, ZeroDivisionError):
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
