@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines.reference_aaa import reference_iteration  # noqa: E402
-from timing import median_time as timed  # noqa: E402
+from timing import timed_round_robin  # noqa: E402
 
 from aaa_fast import AAAConfig, AAATrainer, MetaNet  # noqa: E402
 from aaa_fast.models import build_model  # noqa: E402
@@ -69,16 +69,10 @@ def main():
                            compile=args.compile, **cfg)
         return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
 
-    rows = {}
-    for method in ("erm", "pgd-at", "trades"):
-        trainer = fresh(method)
-        rows[method] = timed(lambda: trainer.step(x, y), device, args.repeats)
+    baselines = {m: fresh(m) for m in ("erm", "pgd-at", "trades")}
+    rows = timed_round_robin({m: (lambda t=t: t.step(x, y)) for m, t in baselines.items()}, device, args.repeats)
     aaa = fresh("aaa", meta_every=1)
     plain = fresh("aaa", meta_every=10**9)
-    t_meta = timed(lambda: aaa.step(x, y, xm, ym), device, args.repeats)
-    t_plain = timed(lambda: plain.step(x, y, xm, ym), device, args.repeats)
-    rows["aaa (meta every 50)"] = (t_meta + 49 * t_plain) / 50
-    rows["aaa (meta every 1)"] = t_meta
 
     # the passes an AAA iteration (no meta step) minimally needs, bare
     model = fresh("erm").model
@@ -103,8 +97,8 @@ def main():
             loss = F.cross_entropy(model(x3).float(), y3)
         loss.backward()
 
-    t_min = timed(minimal, device, args.repeats)
-
+    plain_fns = {"aaa": lambda: plain.step(x, y, xm, ym), "minimal": minimal}
+    meta_fns = {"aaa": lambda: aaa.step(x, y, xm, ym)}
     if not args.skip_reference:
         torch.manual_seed(0)
         ref_model = build_model(args.arch, in_channels=channels).to(device)
@@ -114,12 +108,16 @@ def main():
         common = dict(eps=10 / 255, alpha=2 / 255, steps=args.steps, lam=1.5,
                       class_loss_avg=torch.full((10,), 5.0, device=device),
                       class_share=torch.full((10,), 0.1, device=device))
-        r_meta = timed(lambda: reference_iteration(ref_model, ref_opt, ref_meta, ref_meta_opt, x, y, xm, ym,
-                                                   meta_step=True, **common), device, args.repeats)
-        r_plain = timed(lambda: reference_iteration(ref_model, ref_opt, ref_meta, ref_meta_opt, x, y, xm, ym,
-                                                    meta_step=False, **common), device, args.repeats)
-        rows["reference (meta every 50)"] = (r_meta + 49 * r_plain) / 50
-        rows["reference (meta every 1)"] = r_meta
+        for fns, meta_step in ((plain_fns, False), (meta_fns, True)):
+            fns["reference"] = lambda meta_step=meta_step: reference_iteration(
+                ref_model, ref_opt, ref_meta, ref_meta_opt, x, y, xm, ym, meta_step=meta_step, **common)
+    # plain iterations and meta iterations are each timed in interleaved rounds
+    t_plain = timed_round_robin(plain_fns, device, args.repeats)
+    t_meta = timed_round_robin(meta_fns, device, args.repeats)
+    t_min = t_plain["minimal"]
+    for name in ("aaa", "reference") if not args.skip_reference else ("aaa",):
+        rows[f"{name} (meta every 50)"] = (t_meta[name] + 49 * t_plain[name]) / 50
+        rows[f"{name} (meta every 1)"] = t_meta[name]
 
     baseline_of = {f"aaa (meta every {k})": f"reference (meta every {k})" for k in (1, 50)}
     print(f"{'step':<28} {'s/iter':>8} {'iter/s':>8} {'vs reference':>12}")
@@ -128,7 +126,7 @@ def main():
         ratio = f"{ref / t:>11.2f}x" if ref else ""
         print(f"{name:<28} {t:>8.3f} {1 / t:>8.3f} {ratio:>12}")
     print(f"{'minimal fwd/bwd passes':<28} {t_min:>8.3f} {1 / t_min:>8.3f}")
-    print(f"aaa (no meta step) / minimal passes: {t_plain / t_min:.3f}x")
+    print(f"aaa (no meta step) / minimal passes: {t_plain['aaa'] / t_min:.3f}x")
 
 
 if __name__ == "__main__":
