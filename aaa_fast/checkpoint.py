@@ -1,14 +1,22 @@
-"""Atomic, versioned checkpoints loaded without executing code (torch.load(weights_only=True))."""
+"""Atomic, versioned, digest-checked checkpoints loaded without executing code.
+
+A checkpoint file holds {"format_version", "sha256", "payload"}: the payload is the torch-saved
+state as bytes and sha256 its digest, so a truncated or bit-flipped file is detected rather
+than loaded. Both layers are read with torch.load(weights_only=True). `save_rotating` keeps the
+previous checkpoint beside the new one; `load_newest` falls back to it when the newest is bad.
+"""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import sys
 import tempfile
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -19,14 +27,24 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def previous_path(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
 def save_atomic(obj: dict, path: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`: a crash
-    leaves either the old checkpoint or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    wrapped = {"format_version": FORMAT_VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
+               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch.save(wrapped, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,18 +58,48 @@ def save_atomic(obj: dict, path: str) -> None:
             os.remove(tmp)
 
 
+def save_rotating(obj: dict, path: str) -> None:
+    """save_atomic, keeping the checkpoint it replaces as <name>.prev.pt."""
+    if os.path.exists(path):
+        os.replace(path, previous_path(path))
+    save_atomic(obj, path)
+
+
 def load_checkpoint(path: str, *, expected_hash: str | None = None) -> dict:
-    """Load and check a checkpoint written by `save_atomic` with a format version and config hash."""
+    """Load one checkpoint written by `save_atomic`, checking format, digest and config hash."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a damaged file
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
-    if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {obj.get('format_version') if isinstance(obj, dict) else '?'}"
-                              f", expected {FORMAT_VERSION}")
+    version = wrapped.get("format_version") if isinstance(wrapped, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {version!r}, expected {FORMAT_VERSION}")
+    payload = wrapped["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapped.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} fails its sha256 check: the file was modified or damaged")
+    obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     if expected_hash is not None and obj.get("config_hash") != expected_hash:
         raise CheckpointError(f"checkpoint {path} was written by a run with another configuration "
                               f"(hash {obj.get('config_hash')}, this run {expected_hash}); use a new --out or --init")
     return obj
+
+
+def load_newest(path: str, *, expected_hash: str | None = None) -> dict | None:
+    """The newest valid checkpoint among `path` and its .prev: None when neither exists; a
+    CheckpointError when they exist but none can be used. Falling back is reported on stderr."""
+    candidates = [p for p in (path, previous_path(path)) if os.path.exists(p)]
+    if not candidates:
+        return None
+    errors = []
+    for candidate in candidates:
+        try:
+            obj = load_checkpoint(candidate, expected_hash=expected_hash)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        for err in errors:
+            print(f"warning: {err}; using {candidate} instead", file=sys.stderr)
+        return obj
+    raise CheckpointError("; ".join(errors))

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, config_hash, load_checkpoint, save_atomic
+from .checkpoint import CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
 from .data import DATASETS, NOISE_KINDS, DatasetError, build_scenario, load_dataset, random_crop_flip
 from .evaluate import classwise_accuracy
 from .meta import MetaNet
@@ -266,10 +266,12 @@ def train(args: argparse.Namespace) -> dict:
     state = None
     if args.resume:
         try:
-            state = load_checkpoint(ckpt_path, expected_hash=chash)
+            state = load_newest(ckpt_path, expected_hash=chash)
         except CheckpointError as exc:
             raise SystemExit(f"error: cannot resume: {exc}") from None
-    elif par.main and os.path.exists(ckpt_path):
+        if state is None and par.main:
+            print(f"--resume: no checkpoint in {args.out} yet, starting the run", file=sys.stderr)
+    elif par.main and (os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue that run or choose another --out")
 
     try:
@@ -319,13 +321,14 @@ def train(args: argparse.Namespace) -> dict:
     shuffle = torch.Generator().manual_seed(args.seed + 1)
     augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     augment = args.dataset != "fashion-mnist"
-    history, best, start_epoch = [], None, 0
+    history, best, start_epoch, position = [], None, 0, None
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         scheduler.load_state_dict(state["scheduler"])
         shuffle.set_state(state["shuffle_rng"])
         augment_gen.set_state(state["augment_rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        position = state.get("position")  # set when a signal stopped the run inside an epoch
     if par.main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dict(run_config, config_hash=chash, scenario=scenario.info, device=str(device),
@@ -333,20 +336,25 @@ def train(args: argparse.Namespace) -> dict:
     use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
     stopper = StopRequested()
 
-    def checkpoint(epoch: int) -> None:
+    def checkpoint(epochs_done: int, position: dict | None = None) -> None:
         if not par.main:
             return
-        save_atomic({"format_version": 1, "config_hash": chash, "epoch": epoch, "trainer": trainer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
-                     "augment_rng": augment_gen.get_state(), "history": history, "best": best}, ckpt_path)
+        save_rotating({"config_hash": chash, "epoch": epochs_done, "trainer": trainer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
+                       "augment_rng": augment_gen.get_state(), "history": history, "best": best,
+                       "position": position}, ckpt_path)
 
     n_meta_batch = min(args.meta_batch_size, meta_y.shape[0])
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        order = torch.randperm(train_y.shape[0], generator=shuffle).to(device)
-        meta_order = torch.randperm(meta_y.shape[0], generator=shuffle).to(device)
-        sums = torch.zeros(7, dtype=torch.float64)
-        batches = range(steps_per_epoch)
+        if position is not None:  # continue inside the epoch a signal interrupted
+            order, meta_order = position["order"].to(device), position["meta_order"].to(device)
+            sums, first_step, position = position["sums"], position["step"], None
+        else:
+            order = torch.randperm(train_y.shape[0], generator=shuffle).to(device)
+            meta_order = torch.randperm(meta_y.shape[0], generator=shuffle).to(device)
+            sums, first_step = torch.zeros(7, dtype=torch.float64), 0
+        batches = range(first_step, steps_per_epoch)
         if use_bar and par.main:
             from tqdm import tqdm
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
@@ -359,7 +367,8 @@ def train(args: argparse.Namespace) -> dict:
             try:
                 stats = trainer.step(x, train_y[idx], meta_x[m], meta_y[m])
             except FloatingPointError as exc:
-                last = f"the last good checkpoint is {ckpt_path} (epoch {start_epoch if not history else history[-1]['epoch']})"
+                last = (f"the last good checkpoint is {ckpt_path} (after epoch {history[-1]['epoch']})" if history
+                        else "no checkpoint was written yet")
                 raise SystemExit(f"error: {exc} in epoch {epoch + 1}; training stopped, {last}") from None
             scheduler.step()
             par.broadcast_buffers(model)
@@ -369,14 +378,12 @@ def train(args: argparse.Namespace) -> dict:
             if use_bar and par.main:
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             if stopper.requested:
-                break
-        if stopper.requested:
-            # the epoch is incomplete: keep the last epoch-end checkpoint, resume redoes this epoch
-            if par.main:
-                print(f"stopped during epoch {epoch + 1}; resume with --resume (continues from epoch {epoch + 1})",
-                      file=sys.stderr)
-            par.close()
-            raise SystemExit(130)
+                checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums))
+                if par.main:
+                    print(f"stopped after step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}; checkpoint written "
+                          f"to {ckpt_path}; continue with --resume", file=sys.stderr, flush=True)
+                par.close()
+                raise SystemExit(130)
         par.sum_(trainer._epoch_loss_sum)
         par.sum_(trainer._epoch_loss_count)
         trainer.end_epoch(meta_x, meta_y)
@@ -391,8 +398,8 @@ def train(args: argparse.Namespace) -> dict:
             row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
             if par.main and (best is None or ev["pgd_acc"] > best["test_pgd_acc"]):
                 best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
-                save_atomic({"format_version": 1, "config_hash": chash, "epoch": epoch + 1,
-                             "trainer": {"model": model.state_dict()}}, os.path.join(args.out, "best.pt"))
+                save_atomic({"config_hash": chash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
+                            os.path.join(args.out, "best.pt"))
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
         checkpoint(epoch + 1)

@@ -226,11 +226,16 @@ class AAATrainer:
         terms = weighted_objective(y, nat_logits, a=a, u=u, adv_logits=logits[1] if len(rows) > 1 else None, v=v,
                                    lam=lam, anti_logits=logits[2] if len(rows) > 2 else None, b=b)
         if not torch.isfinite(terms.total):
-            return self._nonfinite(terms)
+            return self._nonfinite("loss", terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms.total).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if self.grad_sync is not None:
-            self.grad_sync([p.grad for p in model.parameters() if p.grad is not None])
+            self.grad_sync(grads)
+        # fp16: the GradScaler skips steps with inf/NaN gradients and lowers its scale itself
+        if not self.scaler.is_enabled() and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite("gradient", terms)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._epoch_loss_sum.index_add_(0, y, terms.per_sample_ce.double())
@@ -243,12 +248,12 @@ class AAATrainer:
         keys = ("loss", "natural", "boundary", "anti", "mean_eps", "frac_anti")
         return dict(zip(keys, values), meta_step=meta_stepped, iteration=self.iteration)
 
-    def _nonfinite(self, terms) -> dict:
+    def _nonfinite(self, what: str, terms) -> dict:
         if not self.config.skip_nonfinite:
             raise FloatingPointError(
-                f"non-finite training loss at iteration {self.iteration} "
-                f"(natural {terms.natural.item()}, boundary {terms.boundary.item()}, anti {terms.anti.item()}); "
-                "no update was applied")
+                f"non-finite training {what} at iteration {self.iteration} "
+                f"(loss terms: natural {terms.natural.item()}, boundary {terms.boundary.item()}, "
+                f"anti {terms.anti.item()}); no update was applied")
         self.skipped_steps += 1
         self.iteration += 1
         return {"loss": float("nan"), "skipped": True, "iteration": self.iteration, "meta_step": False}

@@ -10,6 +10,14 @@ import torch  # noqa: E402
 from aaa_fast import ops  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small learnable fake Fashion-MNIST in the real IDX .gz format, for CLI runs."""
+    from fake_data import fake_fashion_mnist
+
+    return fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=300, n_test=100)
+
+
 @pytest.fixture(autouse=True)
 def _default_backend():
     """Every test starts and ends with the default backend choice."""

@@ -10,17 +10,10 @@ import time
 
 import pytest
 
-from fake_data import fake_fashion_mnist
-
 QUICK = ["--dataset", "fashion-mnist", "--arch", "small-cnn", "--epochs", "2", "--batch-size", "64",
          "--steps", "2", "--num-meta", "50", "--meta-batch-size", "20", "--meta-every", "2", "--eval-steps", "2",
          "--eval-subset", "50", "--lr", "0.05", "--progress", "lines", "--device", "cpu"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return fake_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")), n_train=300, n_test=100)
 
 
 def run_cli(args, check=True, **kw):

@@ -234,3 +234,14 @@ def test_compiled_model_with_meta_steps():
         sc, se = compiled.step(x, y, x_meta, y_meta), eager.step(x, y, x_meta, y_meta)
         assert sc["meta_step"] and sc["loss"] == pytest.approx(se["loss"], rel=1e-2)  # compiled numerics
     assert set(compiled.state_dict()["model"]) == set(eager.state_dict()["model"])  # no _orig_mod. prefixes
+
+
+def test_nonfinite_gradient_with_finite_loss_is_caught():
+    x, y = toy_problem(8)
+    trainer = make_trainer("erm")
+    weight = trainer.model.head[-1].weight
+    weight.register_hook(lambda g: torch.full_like(g, float("nan")))  # a finite loss, a NaN gradient
+    before = [p.clone() for p in trainer.model.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite training gradient at iteration 0"):
+        trainer.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))

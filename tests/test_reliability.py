@@ -1,0 +1,129 @@
+"""Fault injection: killed runs, damaged checkpoints, interrupted runs (docs/RELIABILITY.md)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aaa_fast.checkpoint import CheckpointError, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
+
+from test_cli import ENV, QUICK
+
+RUN = [*QUICK, "--epochs", "3", "--method", "aaa"]
+
+
+def start(args, out):
+    return subprocess.Popen([sys.executable, "-m", "aaa_fast.train", *args, "--out", str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(args, out, resume=True):
+    res = subprocess.run([sys.executable, "-m", "aaa_fast.train", *args, "--out", str(out),
+                          *(["--resume"] if resume else [])], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def final_of(out):
+    return json.loads((out / "final.json").read_text())
+
+
+def wait_for_rows(out, rows, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = out / "metrics.csv"
+        if path.exists() and path.read_text().count("\n") >= rows + 1:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{out} never reached {rows} epochs")
+
+
+@pytest.fixture(scope="module")
+def reference_final(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("whole")
+    finish([*RUN, "--data-dir", data_dir], out, resume=False)
+    return final_of(out)
+
+
+def test_checkpoint_round_trip_rotation_and_damage(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_rotating({"config_hash": "h", "x": torch.arange(5)}, path)
+    save_rotating({"config_hash": "h", "x": torch.arange(6)}, path)
+    assert load_checkpoint(path)["x"].numel() == 6 and load_checkpoint(previous_path(path))["x"].numel() == 5
+    with pytest.raises(CheckpointError, match="another configuration"):
+        load_checkpoint(path, expected_hash="other")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 3])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+    assert load_newest(path)["x"].numel() == 5  # falls back to the previous one
+    save_atomic({"config_hash": "h", "x": torch.arange(7)}, path)
+    data = bytearray(open(path, "rb").read())
+    raw = torch.load(path, weights_only=True)["payload"].numpy().tobytes()
+    at = bytes(data).find(raw[len(raw) // 2:len(raw) // 2 + 32])
+    data[at] ^= 0x01  # one bit inside the payload
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256|unreadable"):
+        load_checkpoint(path)
+    os.remove(previous_path(path))
+    with pytest.raises(CheckpointError):
+        load_newest(path)
+    assert load_newest(str(tmp_path / "none.pt")) is None
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path, data_dir, reference_final):
+    out = tmp_path / "killed"
+    args = [*RUN, "--data-dir", data_dir, "--resume"]
+    rng = random.Random(1234)
+    for _ in range(3):
+        proc = start(args, out)
+        time.sleep(rng.uniform(2.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    finish(args, out, resume=False)
+    assert final_of(out) == reference_final
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, data_dir, reference_final, damage):
+    out = tmp_path / damage
+    args = [*RUN, "--data-dir", data_dir]
+    proc = start(args, out)
+    wait_for_rows(out, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    ckpt = out / "checkpoint.pt"
+    blob = bytearray(ckpt.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[len(blob) // 2] ^= 0x10
+    ckpt.write_bytes(bytes(blob))
+    res = finish(args, out)
+    assert "using" in res.stderr and "checkpoint.prev.pt" in res.stderr
+    assert final_of(out) == reference_final
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_writes_a_mid_epoch_checkpoint_and_resume_is_identical(tmp_path, data_dir, reference_final, sig):
+    out = tmp_path / sig.name
+    args = [*RUN, "--data-dir", data_dir]
+    proc = start(args, out)
+    wait_for_rows(out, 1)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:  # the run had already finished: nothing was interrupted
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "checkpoint written" in err, err[-2000:]
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["position"] is not None and state["position"]["step"] >= 1
+    finish(args, out)
+    assert final_of(out) == reference_final
