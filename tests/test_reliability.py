@@ -127,3 +127,18 @@ def test_signal_writes_a_mid_epoch_checkpoint_and_resume_is_identical(tmp_path, 
     assert state["position"] is not None and state["position"]["step"] >= 1
     finish(args, out)
     assert final_of(out) == reference_final
+
+
+def test_diverging_run_stops_with_a_message_or_skips(tmp_path, data_dir):
+    """A learning rate of 1e30 makes the loss non-finite within a few steps."""
+    args = [*QUICK, "--data-dir", data_dir, "--method", "erm", "--lr", "1e30"]
+    res = subprocess.run([sys.executable, "-m", "aaa_fast.train", *args, "--out", str(tmp_path / "stop")],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "non-finite training" in res.stderr and "training stopped" in res.stderr
+    assert "checkpoint" in res.stderr  # names the last good checkpoint (or says there is none yet)
+    res = subprocess.run([sys.executable, "-m", "aaa_fast.train", *args, "--skip-nonfinite",
+                          "--out", str(tmp_path / "skip")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = (tmp_path / "skip" / "metrics.csv").read_text().splitlines()
+    assert int(rows[-1].split(",")[8]) > 0  # the "skipped" column counts the skipped steps
