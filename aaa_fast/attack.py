@@ -196,9 +196,8 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
         return per_sample(name, value, n, device, nonneg=True)[0].repeat(2)  # values checked below
 
     x = x.detach()
-    x2 = torch.cat([x, x])
-    direction = torch.cat([torch.ones(n, device=device), -torch.ones(n, device=device)])
-    _, e, a = prepare_step_args(x2, x2, x2, direction, both_halves("eps", eps), both_halves("alpha", alpha), norm, lo, hi)
+    x2 = torch.cat([x, x])  # prepare_step_args checks eps and alpha against 2N rows
+    _, e, a = prepare_step_args(x2, x2, x2, 1, both_halves("eps", eps), both_halves("alpha", alpha), norm, lo, hi)
     with eval_mode(model):
         with torch.no_grad(), autocast(device, amp_dtype):
             clean_logits = model(x)

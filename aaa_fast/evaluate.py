@@ -86,8 +86,7 @@ def main(argv=None) -> None:
 
     from .checkpoint import CheckpointError, load_checkpoint
     from .data import DatasetError, load_dataset
-    from .models import build_model
-    from .train import autoattack_accuracy, evaluate_split, format_final
+    from .train import autoattack_accuracy, evaluate_split, format_final, model_for
 
     p = argparse.ArgumentParser(prog="python -m aaa_fast.evaluate", description=main.__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a run (config.json beside it)")
@@ -110,9 +109,7 @@ def main(argv=None) -> None:
     run.eval_eps = run.eval_eps if args.eval_eps is None else args.eval_eps
     run.eval_steps = run.eval_steps if args.eval_steps is None else args.eval_steps
     device = torch.device(args.device)
-    mean, std = data.mean_std
-    model = build_model(run.arch, num_classes=data.num_classes, in_channels=data.train_x.shape[1], mean=mean,
-                        std=std).to(device)
+    model = model_for(run.arch, data, device)
     model.load_state_dict(state["trainer"]["model"])
     result = evaluate_split(model, data.test_x.to(device), data.test_y.to(device), data.num_classes, run, device,
                             seed=run.seed + 99)

@@ -241,6 +241,13 @@ def make_plots(out: str, history: list[dict], final: dict) -> None:
     plt.close(fig)
 
 
+def model_for(arch: str, data, device) -> torch.nn.Module:
+    """`arch` sized for the dataset (classes, channels) with its normalisation as first layer."""
+    mean, std = data.mean_std
+    return build_model(arch, num_classes=data.num_classes, in_channels=data.train_x.shape[1], mean=mean,
+                       std=std).to(device)
+
+
 def evaluate_split(model, x, y, num_classes, args, device, seed) -> dict:
     result = classwise_accuracy(model, x, y, num_classes, eps=args.eval_eps, steps=args.eval_steps,
                                 alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=AMP[args.amp],
@@ -282,9 +289,8 @@ def train(args: argparse.Namespace) -> dict:
                               noise=args.label_noise, noise_rate=args.noise_rate, seed=args.seed,
                               train_subset=args.train_subset)
     c = data.num_classes
-    mean, std = data.mean_std
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, num_classes=c, in_channels=data.train_x.shape[1], mean=mean, std=std).to(device)
+    model = model_for(args.arch, data, device)
     if args.init:
         try:
             init = load_checkpoint(args.init)

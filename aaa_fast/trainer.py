@@ -165,12 +165,16 @@ class AAATrainer:
         check_labels(y, logits.shape[1])
         return logits
 
-    def _forward(self, rows: list[Tensor], model_call=None) -> list[Tensor]:
-        """One train-mode forward of all rows concatenated, split back."""
+    def _forward(self, rows: list[Tensor], model_call=None, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
+        """One train-mode forward of all rows concatenated (autocast to `amp_dtype`), split back."""
         call = model_call or self.net
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, amp_dtype):
             logits = call(torch.cat(rows))
         return list(logits.split([r.shape[0] for r in rows]))
+
+    def _meta_bounded_pair(self, unprojected: Tensor, x: Tensor, s: Tensor) -> Tensor:
+        """The pair's rows re-projected onto bounds eps_0 * s_i (differentiable in s)."""
+        return project(unprojected, torch.cat([x, x]), (self.config.eps * s).repeat(2), self.config.norm)
 
     # ------------------------------------------------------------------ the step
     def step(self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None) -> dict:
@@ -218,10 +222,10 @@ class AAATrainer:
                     a, b, s = self.meta_net(features)
                 if meta_bounds:  # the new bounds re-project the kept last iterates
                     eps_rows = cfg.eps * s
-                    pair = project(unprojected, torch.cat([x, x]), eps_rows.repeat(2), cfg.norm).to(x.dtype)
+                    pair = self._meta_bounded_pair(unprojected, x, s)
             rows = [x, pair[:n], pair[n:]]
         model.train()
-        logits = self._forward(rows)
+        logits = self._forward(rows, amp_dtype=self.amp_dtype)
         nat_logits = logits[0]
         terms = weighted_objective(y, nat_logits, a=a, u=u, adv_logits=logits[1] if len(rows) > 1 else None, v=v,
                                    lam=lam, anti_logits=logits[2] if len(rows) > 2 else None, b=b)
@@ -266,31 +270,25 @@ class AAATrainer:
         n = x.shape[0]
         meta_pair = self._pair(x_meta, y_meta, self._clean_logits(x_meta, y_meta), self._row_bounds(y_meta))
         meta_rows = [x_meta, meta_pair[:x_meta.shape[0]], meta_pair[x_meta.shape[0]:]]
-        x2 = torch.cat([x, x])
+        # fp16 double-backward would need its own loss scaling: the lookahead runs in fp32 then
+        amp_dtype = None if self.amp_dtype == torch.float16 else self.amp_dtype
 
         def train_loss(forward) -> Tensor:
             a, b, s = self.meta_net(features)
-            if s is not None:  # gradient to the bounds through the last projection
-                both = project(unprojected, x2, (cfg.eps * s).repeat(2), cfg.norm)
-            else:
-                both = pair
-            logits = self._forward([x, both[:n], both[n:]], forward)
+            # meta bounds: gradient to them through the last projection
+            both = pair if s is None else self._meta_bounded_pair(unprojected, x, s)
+            logits = self._forward([x, both[:n], both[n:]], forward, amp_dtype)
             return weighted_objective(y, logits[0], a=a, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
                                       anti_logits=logits[2], b=b).total
 
         def meta_loss(forward) -> Tensor:
-            logits = self._forward(meta_rows, forward)
+            logits = self._forward(meta_rows, forward, amp_dtype)
             return weighted_objective(y_meta, logits[0], a=1.0, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
                                       anti_logits=logits[2], b=1.0).total
 
         self.model.train()
         self.meta_net.train()
-        # fp16 double-backward would need its own loss scaling: the lookahead runs in fp32 then
-        amp_dtype, self.amp_dtype = self.amp_dtype, (self.amp_dtype if self.amp_dtype != torch.float16 else None)
-        try:
-            grads = meta_gradient(self.model, self.meta_net, self.optimizer, train_loss, meta_loss)
-        finally:
-            self.amp_dtype = amp_dtype
+        grads = meta_gradient(self.model, self.meta_net, self.optimizer, train_loss, meta_loss)
         if self.grad_sync is not None:
             self.grad_sync(grads)
         self.meta_optimizer.zero_grad(set_to_none=True)
