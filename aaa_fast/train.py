@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
-from .data import DATASETS, NOISE_KINDS, DatasetError, build_scenario, load_dataset, random_crop_flip
+from .data import (DATASETS, NOISE_KINDS, DatasetError, build_scenario, class_balanced_subset, load_dataset,
+                   random_crop_flip)
 from .evaluate import classwise_accuracy
 from .meta import MetaNet
 from .models import ARCHS, build_model
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-steps", type=_number(int, 0), default=20)
     g.add_argument("--eval-every", type=_number(int, 1), default=1)
     g.add_argument("--eval-subset", type=_number(int, 1), default=1000, help="test samples for per-epoch evaluation")
+    g.add_argument("--test-subset", type=_number(int, 1), default=None,
+                   help="final evaluation on this many test samples, class-balanced and the same for every "
+                        "seed (default: the whole test set)")
     g.add_argument("--autoattack", action="store_true", help="also run torchattacks' AutoAttack at the end")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/latest")
@@ -324,6 +328,9 @@ def train(args: argparse.Namespace) -> dict:
     train_x, train_y = scenario.train_x.to(device), scenario.train_y.to(device)
     meta_x, meta_y = scenario.meta_x.to(device), scenario.meta_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    if args.test_subset is not None and args.test_subset < test_y.shape[0]:
+        keep = class_balanced_subset(data.test_y, args.test_subset, c, torch.Generator().manual_seed(0)).to(device)
+        test_x, test_y = test_x[keep], test_y[keep]
     shuffle = torch.Generator().manual_seed(args.seed + 1)
     augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     augment = args.dataset != "fashion-mnist"

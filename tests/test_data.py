@@ -6,8 +6,8 @@ import tarfile
 import pytest
 import torch
 
-from aaa_fast.data import (DatasetError, build_scenario, corrupt_labels, load_cifar, load_fashion_mnist,
-                           make_long_tailed, random_crop_flip, split_meta)
+from aaa_fast.data import (DatasetError, build_scenario, class_balanced_subset, corrupt_labels, load_cifar,
+                           load_fashion_mnist, make_long_tailed, random_crop_flip, split_meta)
 from aaa_fast.data import datasets as ds
 from aaa_fast.data.datasets import Dataset
 
@@ -138,6 +138,15 @@ def test_scenario_meta_untouched_by_noise_and_tail():
     assert sc.info["actual_noise_rate"] > 0.3 and max(sc.info["true_class_counts"]) == 90
     again = build_scenario(data, num_meta=100, imbalance_factor=10, noise="uniform", noise_rate=0.5, seed=3)
     assert torch.equal(again.train_y, sc.train_y) and torch.equal(again.meta_x, sc.meta_x)
+
+
+def test_class_balanced_subset_counts_and_determinism():
+    y = torch.tensor([0] * 30 + [1] * 5 + [2] * 20)
+    idx = class_balanced_subset(y, 30, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
+    assert torch.bincount(y[idx], minlength=3).tolist() == [10, 5, 10]  # class 1 has only 5: all kept
+    assert torch.equal(idx, class_balanced_subset(y, 30, 3, torch.Generator().manual_seed(1)))
+    assert not torch.equal(idx, class_balanced_subset(y, 30, 3, torch.Generator().manual_seed(2)))
 
 
 def test_random_crop_flip_against_a_per_image_loop():

@@ -111,6 +111,14 @@ def corrupt_labels(y: Tensor, kind: str, rate: float, num_classes: int, generato
     return y, targets
 
 
+def class_balanced_subset(y: Tensor, total: int, num_classes: int, generator: torch.Generator) -> Tensor:
+    """Sorted indices of a random subset with `total // num_classes` samples of each class (all of
+    a class's samples where it has fewer)."""
+    per_class = total // num_classes
+    members = [(y == k).nonzero().squeeze(1) for k in range(num_classes)]
+    return torch.cat([m[torch.randperm(m.shape[0], generator=generator)[:per_class]] for m in members]).sort().values
+
+
 def build_scenario(data: Dataset, *, num_meta: int = 1000, imbalance_factor: float = 1.0, noise: str = "none",
                    noise_rate: float = 0.0, seed: int = 0, train_subset: int | None = None) -> Scenario:
     """The training and meta sets of one scenario. `train_subset` keeps a random, class-balanced
@@ -119,9 +127,7 @@ def build_scenario(data: Dataset, *, num_meta: int = 1000, imbalance_factor: flo
     x, y = data.train_x, data.train_y
     c = data.num_classes
     if train_subset is not None and train_subset < y.shape[0]:
-        per_class = train_subset // c
-        idx = torch.cat([(y == k).nonzero().squeeze(1)[torch.randperm(int((y == k).sum()), generator=g)[:per_class]]
-                         for k in range(c)]).sort().values
+        idx = class_balanced_subset(y, train_subset, c, g)
         x, y = x[idx], y[idx]
     meta_idx, rest = split_meta(y, num_meta, c, g)
     x_rest, y_rest = x[rest], y[rest]

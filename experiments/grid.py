@@ -1,0 +1,123 @@
+"""Run a (method x scenario x seed) grid of `python -m aaa_fast.train` runs from a JSON config.
+
+    python experiments/grid.py experiments/fmnist.json              # everything not finished yet
+    python experiments/grid.py experiments/fmnist.json --seeds 0 --methods PGD-AT AAA-meta --dry-run
+
+Each run writes to <out>/<scenario>/<method>/seed<k>/. A run with a final.json is finished and
+skipped; any other run is started with --resume, so an interrupted grid (Ctrl-C, SIGKILL, a lost
+session) picks up inside the run it was in. Seeds are the outer loop: a grid stopped half-way has
+whole seeds of every cell. Checkpoints of finished runs are deleted unless --keep-checkpoints (the
+results are final.json, metrics.csv, config.json and train.log). Exit status 1 when a run failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt")
+
+
+def load_grid(path: str) -> dict:
+    """The grid config, checked for the keys the runner and the report need."""
+    try:
+        with open(path) as f:
+            grid = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: cannot read grid config {path}: {exc}") from None
+    for key, kind in (("out", str), ("seeds", list), ("common", list), ("scenarios", dict), ("methods", dict)):
+        if not isinstance(grid.get(key), kind):
+            raise SystemExit(f"error: grid config {path}: '{key}' must be a {kind.__name__}")
+    return grid
+
+
+def run_dir(grid: dict, scenario: str, method: str, seed: int) -> str:
+    return os.path.join(grid["out"], scenario, method, f"seed{seed}")
+
+
+def command(grid: dict, scenario: str, method: str, seed: int) -> list[str]:
+    return [sys.executable, "-m", "aaa_fast.train", *grid["common"], *grid["scenarios"][scenario],
+            *grid["methods"][method], "--seed", str(seed), "--out", run_dir(grid, scenario, method, seed),
+            "--resume", "--progress", "lines"]
+
+
+def finished(grid: dict, seed: int, scenario: str, method: str) -> bool:
+    """True when the run has its final.json, from the command the config gives now."""
+    out = run_dir(grid, scenario, method, seed)
+    if not os.path.exists(os.path.join(out, "final.json")) or not os.path.exists(os.path.join(out, "run.json")):
+        return False  # not run, or stopped before the runner recorded it: --resume finishes it
+    with open(os.path.join(out, "run.json")) as f:
+        recorded = json.load(f)["command"]
+    if recorded != command(grid, scenario, method, seed)[1:]:
+        raise SystemExit(f"error: {out} was run with other arguments than the config gives now; "
+                         "delete it (or change 'out') to rerun it")
+    return True
+
+
+def select(names: list[str] | None, available: dict | list, what: str) -> list:
+    if names is None:
+        return list(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise SystemExit(f"error: unknown {what} {unknown}; the config has {list(available)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="grid config (JSON), e.g. experiments/fmnist.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="a subset of the config's seeds")
+    p.add_argument("--scenarios", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished runs and stop")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    args = p.parse_args(argv)
+    grid = load_grid(args.config)
+    seeds = select(args.seeds, grid["seeds"], "seeds")
+    scenarios = select(args.scenarios, grid["scenarios"], "scenarios")
+    methods = select(args.methods, grid["methods"], "methods")
+
+    cells = [(seed, sc, m) for seed in seeds for sc in scenarios for m in methods]
+    todo = [c for c in cells if not finished(grid, *c)]
+    print(f"grid {args.config}: {len(cells)} runs, {len(cells) - len(todo)} finished, {len(todo)} to run", flush=True)
+    failed = []
+    for i, (seed, scenario, method) in enumerate(todo, 1):
+        cmd, out = command(grid, scenario, method, seed), run_dir(grid, scenario, method, seed)
+        if args.dry_run:
+            print(" ".join(cmd))
+            continue
+        os.makedirs(out, exist_ok=True)
+        t0 = time.time()
+        with open(os.path.join(out, "train.log"), "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        seconds = time.time() - t0
+        if rc == 130:  # Ctrl-C / SIGTERM: the run wrote its checkpoint; stop the grid too
+            print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: interrupted; rerun to continue", flush=True)
+            return 130
+        if rc != 0:
+            failed.append(out)
+            print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: FAILED (exit {rc}), see {out}/train.log",
+                  flush=True)
+            continue
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump({"command": cmd[1:], "seconds": round(seconds, 1)}, f, indent=2)
+        if not args.keep_checkpoints:
+            for name in CHECKPOINTS:
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+        with open(os.path.join(out, "final.json")) as f:
+            final = json.load(f)
+        print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: clean {final['clean_acc']:.1f}% "
+              f"PGD {final['pgd_acc']:.1f}% worst-class robust error {final['worst_rob_err']:.1f}% "
+              f"({seconds:.0f}s)", flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

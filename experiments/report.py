@@ -1,0 +1,215 @@
+"""Aggregate a grid's final.json files into markdown tables (mean ± std over seeds) and plots.
+
+    python experiments/report.py experiments/fmnist.json --markdown docs/RESULTS.md --figures docs/figures
+
+With --markdown FILE the tables replace what is between the FILE's markers
+`<!-- grid:<out> begin -->` and `<!-- grid:<out> end -->` (FILE must have them), so the numbers in
+the document always come from the result files; without it they go to stdout. The aggregate also
+goes to <out>/summary.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+
+from grid import load_grid, run_dir
+
+METRICS = [("avg_nat_err", "avg nat"), ("worst_nat_err", "worst nat"), ("avg_bdy_err", "avg bdy"),
+           ("worst_bdy_err", "worst bdy"), ("avg_rob_err", "avg rob"), ("worst_rob_err", "worst rob")]
+HEADLINE = ["avg_nat_err", "worst_nat_err", "avg_rob_err", "worst_rob_err"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def collect(grid: dict) -> dict:
+    """{(scenario, method): [final.json of each finished seed]}"""
+    runs = {}
+    for scenario in grid["scenarios"]:
+        for method in grid["methods"]:
+            finals = []
+            for seed in grid["seeds"]:
+                path = os.path.join(run_dir(grid, scenario, method, seed), "final.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        finals.append(json.load(f))
+            runs[scenario, method] = finals
+    return runs
+
+
+def aggregate(runs: dict) -> dict:
+    """{(scenario, method): {metric: (mean, std, n)}} over the seeds that finished."""
+    agg = {}
+    for key, finals in runs.items():
+        if finals:
+            agg[key] = {m: (*mean_std([f[m] for f in finals]), len(finals))
+                        for m in [*dict(METRICS), "clean_acc", "pgd_acc"]}
+    return agg
+
+
+def is_aaa(method: str) -> bool:
+    return method.upper().startswith("AAA")
+
+
+def scenario_table(scenario: str, methods: list[str], agg: dict) -> list[str]:
+    rows = [m for m in methods if (scenario, m) in agg]
+    lines = ["| method | " + " | ".join(label for _, label in METRICS) + " | seeds |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    best = {k: min(agg[scenario, m][k][0] for m in rows) for k, _ in METRICS}
+    for m in rows:
+        cells = []
+        for k, _ in METRICS:
+            mean, sd, _n = agg[scenario, m][k]
+            cell = f"{mean:.1f} ± {sd:.1f}"
+            cells.append(f"**{cell}**" if mean == best[k] else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {agg[scenario, m]['avg_nat_err'][2]} |")
+    return lines
+
+
+def versus_table(scenarios: list[str], methods: list[str], agg: dict) -> list[str]:
+    """Best AAA variant minus best adversarial baseline (not ERM), per scenario and metric, with
+    the standard error of that difference; negative is better for AAA."""
+    labels = dict(METRICS)
+    lines = ["| scenario | " + " | ".join(labels[k] for k in HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+    for sc in scenarios:
+        cells = []
+        for k in HEADLINE:
+            aaa = [m for m in methods if is_aaa(m) and (sc, m) in agg]
+            base = [m for m in methods if not is_aaa(m) and m.upper() != "ERM" and (sc, m) in agg]
+            if not aaa or not base:
+                cells.append("–")
+                continue
+            a = min(aaa, key=lambda m: agg[sc, m][k][0])
+            b = min(base, key=lambda m: agg[sc, m][k][0])
+            (ma, sa, na), (mb, sb, nb) = agg[sc, a][k], agg[sc, b][k]
+            se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+            cells.append(f"{ma - mb:+.1f} ± {se:.1f} ({a} vs {b})")
+        lines.append(f"| {sc} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(grid: dict, agg: dict) -> str:
+    scenarios, methods = list(grid["scenarios"]), list(grid["methods"])
+    n_runs = sum(v["avg_nat_err"][2] for v in agg.values())
+    total = len(scenarios) * len(methods) * len(grid["seeds"])
+    out = [f"Errors in % (lower is better), mean ± std over seeds; bold: best in the column. "
+           f"{n_runs} of {total} runs finished.", ""]
+    out += ["**Best AAA variant minus best adversarial baseline** (PGD-AT, TRADES, FRL; each picked per "
+            "cell, so both sides get their best), ± the standard error of the difference; negative favours AAA:",
+            "", *versus_table(scenarios, methods, agg), ""]
+    for sc in scenarios:
+        if any((sc, m) in agg for m in methods):
+            out += [f"**{sc}** ({' '.join(grid['scenarios'][sc]) or 'no label noise, balanced'})", "",
+                    *scenario_table(sc, methods, agg), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_between_markers(path: str, tag: str, text: str) -> None:
+    begin, end = f"<!-- grid:{tag} begin -->", f"<!-- grid:{tag} end -->"
+    with open(path) as f:
+        doc = f.read()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"error: {path} has no '{begin}' ... '{end}' markers to put the tables between")
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{begin}\n{text}{end}{tail}")
+    os.replace(tmp, path)
+
+
+def write_summary_csv(path: str, agg: dict) -> None:
+    keys = [*dict(METRICS), "clean_acc", "pgd_acc"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scenario", "method", "seeds", *[f"{k}_{s}" for k in keys for s in ("mean", "std")]])
+        for (sc, m), v in agg.items():
+            w.writerow([sc, m, v["avg_nat_err"][2], *[f"{v[k][i]:.4f}" for k in keys for i in (0, 1)]])
+
+
+def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = [sc for sc in grid["scenarios"] if any((sc, m) in agg for m in grid["methods"])]
+    methods = list(grid["methods"])
+    cols = min(3, len(scenarios))
+    rows = math.ceil(len(scenarios) / cols)
+    os.makedirs(figures, exist_ok=True)
+    paths = []
+
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, sc in zip(axes.flat, scenarios):
+        for m in methods:
+            finals = runs[sc, m]
+            if finals:
+                per_class = [100 - sum(f["classwise_pgd_acc"][c] for f in finals) / len(finals)
+                             for c in range(len(finals[0]["classwise_pgd_acc"]))]
+                ax.plot(range(len(per_class)), per_class, marker="o", ms=3, ls="--" if not is_aaa(m) else "-",
+                        label=m)
+        ax.set(title=sc, xlabel="class", ylabel="robust error (%)", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(scenarios):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("class-wise robust error (PGD), mean over seeds")
+    fig.tight_layout()
+    paths.append(os.path.join(figures, f"{prefix}_classwise_robust_error.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, sc in zip(axes.flat, scenarios):
+        for m in methods:
+            if (sc, m) in agg:
+                (cx, sx, _), (ry, sy, _) = agg[sc, m]["clean_acc"], agg[sc, m]["pgd_acc"]
+                ax.errorbar(cx, ry, xerr=sx, yerr=sy, fmt="o" if is_aaa(m) else "s", ms=5, capsize=2, label=m)
+        ax.set(title=sc, xlabel="natural accuracy (%)", ylabel="robust accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(scenarios):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("natural vs robust accuracy, mean ± std over seeds")
+    fig.tight_layout()
+    paths.append(os.path.join(figures, f"{prefix}_natural_vs_robust.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="the grid config the runs came from")
+    p.add_argument("--markdown", default=None, help="document to put the tables in (between its markers)")
+    p.add_argument("--figures", default=None, help="directory for the plots")
+    args = p.parse_args(argv)
+    grid = load_grid(args.config)
+    runs = collect(grid)
+    agg = aggregate(runs)
+    if not agg:
+        raise SystemExit(f"error: no finished runs under {grid['out']}")
+    tag = os.path.basename(os.path.normpath(grid["out"]))
+    text = markdown(grid, agg)
+    write_summary_csv(os.path.join(grid["out"], "summary.csv"), agg)
+    if args.markdown:
+        write_between_markers(args.markdown, tag, text)
+        print(f"tables written to {args.markdown}")
+    else:
+        sys.stdout.write(text)
+    if args.figures:
+        for path in plot(grid, runs, agg, args.figures, tag):
+            print(f"plot written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

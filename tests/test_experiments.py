@@ -1,0 +1,141 @@
+"""experiments/grid.py and experiments/report.py: the grid runs every cell once through the CLI,
+skips finished runs, refuses results from other arguments; the report's numbers match values
+computed by hand from known final.json files."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import grid as grid_mod  # noqa: E402
+import report  # noqa: E402
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def write_config(path, out, data_dir, methods=None):
+    cfg = {"out": str(out), "seeds": [0, 1],
+           "common": ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--arch", "small-cnn", "--epochs", "1",
+                      "--batch-size", "64", "--steps", "1", "--num-meta", "50", "--meta-batch-size", "20",
+                      "--eval-steps", "2", "--eval-subset", "20", "--test-subset", "50", "--device", "cpu"],
+           "scenarios": {"flip": ["--label-noise", "flip2", "--noise-rate", "0.2"]},
+           "methods": methods or {"ERM": ["--method", "erm"], "AAA": ["--method", "aaa", "--meta-every", "2"]}}
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def run_grid(config, *extra):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "grid.py"), config, *extra],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def test_grid_runs_each_cell_once_and_skips_finished_runs(tmp_path, data_dir):
+    config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir)
+    dry = run_grid(config, "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("-m aaa_fast.train") == 4
+    assert not (tmp_path / "res").exists()
+
+    first = run_grid(config)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "4 to run" in first.stdout
+    for seed in (0, 1):
+        for method in ("ERM", "AAA"):
+            run = tmp_path / "res" / "flip" / method / f"seed{seed}"
+            final = json.loads((run / "final.json").read_text())
+            assert final["method"] == method.lower() and final["scenario"]["seed"] == seed
+            assert sum(final["scenario"]["class_counts"]) == final["scenario"]["train_size"]
+            assert not (run / "checkpoint.pt").exists()  # deleted once the run finished
+            assert "--seed" in json.loads((run / "run.json").read_text())["command"]
+    stamp = os.path.getmtime(tmp_path / "res" / "flip" / "AAA" / "seed1" / "final.json")
+
+    again = run_grid(config)
+    assert again.returncode == 0 and "0 to run" in again.stdout
+    assert os.path.getmtime(tmp_path / "res" / "flip" / "AAA" / "seed1" / "final.json") == stamp
+
+    # the config now gives other arguments for a finished run: refuse rather than mix results
+    write_config(tmp_path / "g.json", tmp_path / "res", data_dir,
+                 methods={"ERM": ["--method", "erm", "--lr", "0.05"], "AAA": ["--method", "aaa", "--meta-every", "2"]})
+    changed = run_grid(config)
+    assert changed.returncode != 0 and "other arguments" in changed.stderr
+
+
+def test_grid_rejects_bad_configs_and_names(tmp_path, data_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"out": "x", "seeds": [0], "common": [], "scenarios": [], "methods": {}}))
+    res = run_grid(str(bad))
+    assert res.returncode != 0 and "'scenarios' must be a dict" in res.stderr
+    config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir)
+    res = run_grid(config, "--methods", "PGD")
+    assert res.returncode != 0 and "unknown methods ['PGD']" in res.stderr
+    (tmp_path / "broken.json").write_text("{")
+    assert "cannot read grid config" in run_grid(str(tmp_path / "broken.json")).stderr
+
+
+def fake_final(nat, bdy, classwise_pgd):
+    """A final.json with the fields the report reads; robust error = natural + boundary."""
+    return {"avg_nat_err": nat[0], "worst_nat_err": nat[1], "avg_bdy_err": bdy[0], "worst_bdy_err": bdy[1],
+            "avg_rob_err": nat[0] + bdy[0], "worst_rob_err": nat[1] + bdy[1], "clean_acc": 100 - nat[0],
+            "pgd_acc": 100 - nat[0] - bdy[0], "classwise_pgd_acc": classwise_pgd}
+
+
+@pytest.fixture
+def finished_grid(tmp_path):
+    cfg = {"out": str(tmp_path / "res" / "toy"), "seeds": [0, 1, 2], "common": [],
+           "scenarios": {"clean": [], "noisy": ["--label-noise", "uniform"]},
+           "methods": {"ERM": [], "TRADES": [], "FRL": [], "AAA-meta": []}}
+    (tmp_path / "toy.json").write_text(json.dumps(cfg))
+    values = {  # (scenario, method): avg natural error of seeds 0, 1, 2 (other fields derived)
+        ("clean", "ERM"): [10, 12, 14], ("clean", "TRADES"): [20, 22, 24], ("clean", "FRL"): [21, 21, 21],
+        ("clean", "AAA-meta"): [18, 19, 20], ("noisy", "ERM"): [30, 30, 30], ("noisy", "TRADES"): [40, 41, 42]}
+    for (sc, m), nats in values.items():
+        for seed, nat in enumerate(nats):
+            run = tmp_path / "res" / "toy" / sc / m / f"seed{seed}"
+            run.mkdir(parents=True)
+            bdy = 50 if m == "ERM" else 20 + seed
+            (run / "final.json").write_text(json.dumps(
+                fake_final((nat, nat + 10), (bdy, bdy + 5), [100 - nat - bdy] * 10)))
+    return str(tmp_path / "toy.json")
+
+
+def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# head\n<!-- grid:toy begin -->\nold numbers\n<!-- grid:toy end -->\ntail\n")
+    assert report.main([finished_grid, "--markdown", str(doc), "--figures", str(tmp_path / "fig")]) == 0
+    text = doc.read_text()
+    assert text.startswith("# head\n<!-- grid:toy begin -->\n") and text.endswith("<!-- grid:toy end -->\ntail\n")
+    assert "old numbers" not in text and "18 of 24 runs finished" in text
+    lines = text.splitlines()
+    # clean/TRADES: natural errors 20, 22, 24 -> 22.0 ± 2.0; boundary 20, 21, 22 -> 21.0 ± 1.0, the
+    # best boundary error together with FRL and AAA-meta (ties are all bold)
+    trades = next(line for line in lines if line.startswith("| TRADES |"))
+    assert trades == ("| TRADES | 22.0 ± 2.0 | 32.0 ± 2.0 | **21.0 ± 1.0** | **26.0 ± 1.0** | 43.0 ± 3.0 | 58.0 ± 3.0 "
+                      "| 3 |")
+    erm = next(line for line in lines if line.startswith("| ERM |"))
+    assert erm.startswith("| ERM | **12.0 ± 2.0** |")  # best natural error in the clean table
+    # AAA-meta vs best adversarial baseline (FRL 21 ± 0 beats TRADES 22) on avg nat: 19 - 21 = -2,
+    # standard error sqrt(1^2/3 + 0^2/3)
+    clean_vs = next(line for line in lines if line.startswith("| clean |"))
+    assert f"-2.0 ± {math.sqrt(1 / 3):.1f} (AAA-meta vs FRL)" in clean_vs
+    assert next(line for line in lines if line.startswith("| noisy |")).count("–") == 4  # no AAA run there
+    assert (tmp_path / "fig" / "toy_classwise_robust_error.png").stat().st_size > 0
+    assert (tmp_path / "fig" / "toy_natural_vs_robust.png").stat().st_size > 0
+    summary = (tmp_path / "res" / "toy" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("scenario,method,seeds,avg_nat_err_mean,avg_nat_err_std")
+    assert any(row.startswith("clean,TRADES,3,22.0000,2.0000,32.0000,2.0000,21.0000,1.0000") for row in summary)
+
+
+def test_report_needs_markers_and_results(finished_grid, tmp_path):
+    doc = tmp_path / "plain.md"
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        report.main([finished_grid, "--markdown", str(doc)])
+    assert doc.read_text() == "no markers\n"
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**grid_mod.load_grid(finished_grid), "out": str(tmp_path / "nothing")}))
+    with pytest.raises(SystemExit, match="no finished runs"):
+        report.main([str(empty)])
