@@ -30,16 +30,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def collect(grid: dict) -> dict:
-    """{(scenario, method): [final.json of each finished seed]}"""
+    """{(scenario, method): [final.json of each finished seed, with its last metrics.csv row
+    under 'last_epoch']}"""
     runs = {}
     for scenario in grid["scenarios"]:
         for method in grid["methods"]:
             finals = []
             for seed in grid["seeds"]:
-                path = os.path.join(run_dir(grid, scenario, method, seed), "final.json")
-                if os.path.exists(path):
-                    with open(path) as f:
+                out = run_dir(grid, scenario, method, seed)
+                if os.path.exists(os.path.join(out, "final.json")):
+                    with open(os.path.join(out, "final.json")) as f:
                         finals.append(json.load(f))
+                    metrics = os.path.join(out, "metrics.csv")
+                    if os.path.exists(metrics):
+                        with open(metrics, newline="") as f:
+                            finals[-1]["last_epoch"] = list(csv.DictReader(f))[-1]
             runs[scenario, method] = finals
     return runs
 
@@ -95,7 +100,26 @@ def versus_table(scenarios: list[str], methods: list[str], agg: dict) -> list[st
     return lines
 
 
-def markdown(grid: dict, agg: dict) -> str:
+def aaa_diagnostics_table(scenarios: list[str], methods: list[str], runs: dict) -> list[str]:
+    """What the meta-network chose in the last epoch (mean over seeds): the share of samples
+    weighted more anti-adversarially than adversarially (b_i > a_i) and the mean bound eps_i."""
+    aaa = [m for m in methods if is_aaa(m)]
+    lines = ["| scenario | " + " | ".join(f"{m} b>a / mean ε" for m in aaa) + " |", "|---|" + "---|" * len(aaa)]
+    for sc in scenarios:
+        cells = []
+        for m in aaa:
+            rows = [f["last_epoch"] for f in runs[sc, m] if "last_epoch" in f]
+            if rows:
+                share = sum(float(r["frac_anti"]) for r in rows) / len(rows)
+                eps = sum(float(r["mean_eps"]) for r in rows) / len(rows)
+                cells.append(f"{100 * share:.1f}% / {eps:.4f}")
+            else:
+                cells.append("–")
+        lines.append(f"| {sc} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(grid: dict, runs: dict, agg: dict) -> str:
     scenarios, methods = list(grid["scenarios"]), list(grid["methods"])
     n_runs = sum(v["avg_nat_err"][2] for v in agg.values())
     total = len(scenarios) * len(methods) * len(grid["seeds"])
@@ -108,6 +132,10 @@ def markdown(grid: dict, agg: dict) -> str:
         if any((sc, m) in agg for m in methods):
             out += [f"**{sc}** ({' '.join(grid['scenarios'][sc]) or 'no label noise, balanced'})", "",
                     *scenario_table(sc, methods, agg), ""]
+    if any(is_aaa(m) for m in methods):
+        out += ["**What the meta-network chose** (last epoch, mean over seeds): share of training samples with "
+                "anti-adversarial weight b_i above adversarial weight a_i / mean bound ε_i:", "",
+                *aaa_diagnostics_table(scenarios, methods, runs), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -157,6 +185,8 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
                 ax.plot(range(len(per_class)), per_class, marker="o", ms=3, ls="--" if not is_aaa(m) else "-",
                         label=m)
         ax.set(title=sc, xlabel="class", ylabel="robust error (%)", ylim=(0, 100))
+        if grid.get("class_names"):
+            ax.set_xticks(range(len(grid["class_names"])), grid["class_names"], rotation=45, fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(scenarios):]:
         ax.axis("off")
@@ -198,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if not agg:
         raise SystemExit(f"error: no finished runs under {grid['out']}")
     tag = os.path.basename(os.path.normpath(grid["out"]))
-    text = markdown(grid, agg)
+    text = markdown(grid, runs, agg)
     write_summary_csv(os.path.join(grid["out"], "summary.csv"), agg)
     if args.markdown:
         write_between_markers(args.markdown, tag, text)

@@ -99,6 +99,9 @@ def finished_grid(tmp_path):
             bdy = 50 if m == "ERM" else 20 + seed
             (run / "final.json").write_text(json.dumps(
                 fake_final((nat, nat + 10), (bdy, bdy + 5), [100 - nat - bdy] * 10)))
+            if m == "AAA-meta":  # only the last epoch counts: share of b > a 0.1, 0.2, 0.3
+                (run / "metrics.csv").write_text(f"epoch,frac_anti,mean_eps\n1,0.9,0.5\n2,{0.1 * (seed + 1)},"
+                                                 f"{0.1 + 0.01 * seed}\n")
     return str(tmp_path / "toy.json")
 
 
@@ -113,8 +116,8 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     # clean/TRADES: natural errors 20, 22, 24 -> 22.0 ± 2.0; boundary 20, 21, 22 -> 21.0 ± 1.0, the
     # best boundary error together with FRL and AAA-meta (ties are all bold)
     trades = next(line for line in lines if line.startswith("| TRADES |"))
-    assert trades == ("| TRADES | 22.0 ± 2.0 | 32.0 ± 2.0 | **21.0 ± 1.0** | **26.0 ± 1.0** | 43.0 ± 3.0 | 58.0 ± 3.0 "
-                      "| 3 |")
+    assert trades == ("| TRADES | 22.0 ± 2.0 | 32.0 ± 2.0 | **21.0 ± 1.0** | **26.0 ± 1.0** | 43.0 ± 3.0 "
+                      "| 58.0 ± 3.0 | 3 |")
     erm = next(line for line in lines if line.startswith("| ERM |"))
     assert erm.startswith("| ERM | **12.0 ± 2.0** |")  # best natural error in the clean table
     # AAA-meta vs best adversarial baseline (FRL 21 ± 0 beats TRADES 22) on avg nat: 19 - 21 = -2,
@@ -122,6 +125,7 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     clean_vs = next(line for line in lines if line.startswith("| clean |"))
     assert f"-2.0 ± {math.sqrt(1 / 3):.1f} (AAA-meta vs FRL)" in clean_vs
     assert next(line for line in lines if line.startswith("| noisy |")).count("–") == 4  # no AAA run there
+    assert "| clean | 20.0% / 0.1100 |" in lines and "| noisy | – |" in lines  # meta-network's choices
     assert (tmp_path / "fig" / "toy_classwise_robust_error.png").stat().st_size > 0
     assert (tmp_path / "fig" / "toy_natural_vs_robust.png").stat().st_size > 0
     summary = (tmp_path / "res" / "toy" / "summary.csv").read_text().splitlines()
@@ -139,3 +143,19 @@ def test_report_needs_markers_and_results(finished_grid, tmp_path):
     empty.write_text(json.dumps({**grid_mod.load_grid(finished_grid), "out": str(tmp_path / "nothing")}))
     with pytest.raises(SystemExit, match="no finished runs"):
         report.main([str(empty)])
+
+
+CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".json"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_committed_grid_configs_give_valid_training_commands(config):
+    from aaa_fast.train import build_parser, resolve_defaults
+
+    grid = grid_mod.load_grid(os.path.join(ROOT, "experiments", config))
+    assert len(grid["seeds"]) >= 1 and len(set(grid["seeds"])) == len(grid["seeds"])
+    for scenario in grid["scenarios"]:
+        for method in grid["methods"]:
+            cmd = grid_mod.command(grid, scenario, method, grid["seeds"][0])
+            args = resolve_defaults(build_parser().parse_args(cmd[3:]))  # after python -m aaa_fast.train
+            assert args.method == grid["methods"][method][1] and args.out.endswith(f"{method}/seed{grid['seeds'][0]}")
