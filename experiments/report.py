@@ -1,10 +1,11 @@
 """Aggregate a grid's final.json files into markdown tables (mean ± std over seeds) and plots.
 
-    python experiments/report.py experiments/fmnist.json --markdown docs/RESULTS.md --figures docs/figures
+    python experiments/report.py experiments/fmnist.json --markdown docs/RESULTS.md README.md --figures docs/figures
 
-With --markdown FILE the tables replace what is between the FILE's markers
-`<!-- grid:<out> begin -->` and `<!-- grid:<out> end -->` (FILE must have them), so the numbers in
-the document always come from the result files; without it they go to stdout. The aggregate also
+With --markdown FILE... the tables replace what is between each FILE's markers
+`<!-- grid:<out> begin -->` and `<!-- grid:<out> end -->` (the whole report) or
+`<!-- grid:<out>:headline begin -->` ... `end -->` (its first table), so the numbers in the
+documents always come from the result files; without it they go to stdout. The aggregate also
 goes to <out>/summary.csv.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def collect(grid: dict) -> dict:
     """{(scenario, method): [final.json of each finished seed, with its last metrics.csv row
-    under 'last_epoch']}"""
+    under 'last_epoch' and the runner's wall time under 'seconds']}"""
     runs = {}
     for scenario in grid["scenarios"]:
         for method in grid["methods"]:
@@ -41,6 +42,9 @@ def collect(grid: dict) -> dict:
                 if os.path.exists(os.path.join(out, "final.json")):
                     with open(os.path.join(out, "final.json")) as f:
                         finals.append(json.load(f))
+                    if os.path.exists(os.path.join(out, "run.json")):
+                        with open(os.path.join(out, "run.json")) as f:
+                            finals[-1]["seconds"] = json.load(f)["seconds"]
                     metrics = os.path.join(out, "metrics.csv")
                     if os.path.exists(metrics):
                         with open(metrics, newline="") as f:
@@ -119,15 +123,18 @@ def aaa_diagnostics_table(scenarios: list[str], methods: list[str], runs: dict) 
     return lines
 
 
-def markdown(grid: dict, runs: dict, agg: dict) -> str:
+def markdown(grid: dict, runs: dict, agg: dict) -> dict[str, str]:
+    """The report's sections by marker suffix: '' the whole report, ':headline' its first table."""
     scenarios, methods = list(grid["scenarios"]), list(grid["methods"])
     n_runs = sum(v["avg_nat_err"][2] for v in agg.values())
     total = len(scenarios) * len(methods) * len(grid["seeds"])
-    out = [f"Errors in % (lower is better), mean ± std over seeds; bold: best in the column. "
-           f"{n_runs} of {total} runs finished.", ""]
-    out += ["**Best AAA variant minus best adversarial baseline** (PGD-AT, TRADES, FRL; each picked per "
+    minutes = sum(f.get("seconds", 0) for finals in runs.values() for f in finals) / 60
+    head = [f"Errors in % (lower is better), mean ± std over seeds. "
+            f"{n_runs} of {total} runs finished" + (f", {minutes:.0f} min of wall time in all." if minutes else "."),
+            "", "**Best AAA variant minus best adversarial baseline** (PGD-AT, TRADES, FRL; each picked per "
             "cell, so both sides get their best), ± the standard error of the difference; negative favours AAA:",
             "", *versus_table(scenarios, methods, agg), ""]
+    out = [*head, "Per scenario (bold: best in the column):", ""]
     for sc in scenarios:
         if any((sc, m) in agg for m in methods):
             out += [f"**{sc}** ({' '.join(grid['scenarios'][sc]) or 'no label noise, balanced'})", "",
@@ -136,20 +143,27 @@ def markdown(grid: dict, runs: dict, agg: dict) -> str:
         out += ["**What the meta-network chose** (last epoch, mean over seeds): share of training samples with "
                 "anti-adversarial weight b_i above adversarial weight a_i / mean bound ε_i:", "",
                 *aaa_diagnostics_table(scenarios, methods, runs), ""]
-    return "\n".join(out).rstrip() + "\n"
+    return {"": "\n".join(out).rstrip() + "\n", ":headline": "\n".join(head).rstrip() + "\n"}
 
 
-def write_between_markers(path: str, tag: str, text: str) -> None:
-    begin, end = f"<!-- grid:{tag} begin -->", f"<!-- grid:{tag} end -->"
+def write_between_markers(path: str, tag: str, sections: dict[str, str]) -> None:
+    """Replace the text between `<!-- grid:<tag><suffix> begin/end -->` for every section whose
+    markers the document has; at least one must be there."""
     with open(path) as f:
         doc = f.read()
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"error: {path} has no '{begin}' ... '{end}' markers to put the tables between")
-    head, rest = doc.split(begin, 1)
-    tail = rest.split(end, 1)[1]
+    found = False
+    for suffix, text in sections.items():
+        begin, end = f"<!-- grid:{tag}{suffix} begin -->", f"<!-- grid:{tag}{suffix} end -->"
+        if begin in doc and end in doc:
+            head, rest = doc.split(begin, 1)
+            doc = f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}"
+            found = True
+    if not found:
+        raise SystemExit(f"error: {path} has no '<!-- grid:{tag} begin -->' ... '<!-- grid:{tag} end -->' markers "
+                         f"(or ':headline' ones) to put the tables between")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(f"{head}{begin}\n{text}{end}{tail}")
+        f.write(doc)
     os.replace(tmp, path)
 
 
@@ -219,7 +233,7 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the grid config the runs came from")
-    p.add_argument("--markdown", default=None, help="document to put the tables in (between its markers)")
+    p.add_argument("--markdown", nargs="+", default=[], help="documents to put the tables in (between their markers)")
     p.add_argument("--figures", default=None, help="directory for the plots")
     args = p.parse_args(argv)
     grid = load_grid(args.config)
@@ -230,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     tag = os.path.basename(os.path.normpath(grid["out"]))
     text = markdown(grid, runs, agg)
     write_summary_csv(os.path.join(grid["out"], "summary.csv"), agg)
-    if args.markdown:
-        write_between_markers(args.markdown, tag, text)
-        print(f"tables written to {args.markdown}")
-    else:
-        sys.stdout.write(text)
+    for path in args.markdown:
+        write_between_markers(path, tag, text)
+        print(f"tables written to {path}")
+    if not args.markdown:
+        sys.stdout.write(text[""])
     if args.figures:
         for path in plot(grid, runs, agg, args.figures, tag):
             print(f"plot written to {path}")

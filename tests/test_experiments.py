@@ -99,6 +99,7 @@ def finished_grid(tmp_path):
             bdy = 50 if m == "ERM" else 20 + seed
             (run / "final.json").write_text(json.dumps(
                 fake_final((nat, nat + 10), (bdy, bdy + 5), [100 - nat - bdy] * 10)))
+            (run / "run.json").write_text(json.dumps({"command": [], "seconds": 20}))
             if m == "AAA-meta":  # only the last epoch counts: share of b > a 0.1, 0.2, 0.3
                 (run / "metrics.csv").write_text(f"epoch,frac_anti,mean_eps\n1,0.9,0.5\n2,{0.1 * (seed + 1)},"
                                                  f"{0.1 + 0.01 * seed}\n")
@@ -111,7 +112,7 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     assert report.main([finished_grid, "--markdown", str(doc), "--figures", str(tmp_path / "fig")]) == 0
     text = doc.read_text()
     assert text.startswith("# head\n<!-- grid:toy begin -->\n") and text.endswith("<!-- grid:toy end -->\ntail\n")
-    assert "old numbers" not in text and "18 of 24 runs finished" in text
+    assert "old numbers" not in text and "18 of 24 runs finished, 6 min of wall time in all." in text
     lines = text.splitlines()
     # clean/TRADES: natural errors 20, 22, 24 -> 22.0 ± 2.0; boundary 20, 21, 22 -> 21.0 ± 1.0, the
     # best boundary error together with FRL and AAA-meta (ties are all bold)
@@ -126,6 +127,11 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     assert f"-2.0 ± {math.sqrt(1 / 3):.1f} (AAA-meta vs FRL)" in clean_vs
     assert next(line for line in lines if line.startswith("| noisy |")).count("–") == 4  # no AAA run there
     assert "| clean | 20.0% / 0.1100 |" in lines and "| noisy | – |" in lines  # meta-network's choices
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- grid:toy:headline begin -->\n<!-- grid:toy:headline end -->\nb\n")
+    report.main([finished_grid, "--markdown", str(readme)])
+    short = readme.read_text()
+    assert clean_vs in short.splitlines() and "| TRADES |" not in short and short.endswith("end -->\nb\n")
     assert (tmp_path / "fig" / "toy_classwise_robust_error.png").stat().st_size > 0
     assert (tmp_path / "fig" / "toy_natural_vs_robust.png").stat().st_size > 0
     summary = (tmp_path / "res" / "toy" / "summary.csv").read_text().splitlines()
