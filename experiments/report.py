@@ -187,47 +187,44 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
     cols = min(3, len(scenarios))
     rows = math.ceil(len(scenarios) / cols)
     os.makedirs(figures, exist_ok=True)
-    paths = []
 
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax, sc in zip(axes.flat, scenarios):
+    def figure(name: str, title: str, draw) -> str:
+        """One panel per scenario, drawn by draw(ax, scenario); returns the saved file."""
+        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+        for ax, sc in zip(axes.flat, scenarios):
+            draw(ax, sc)
+            ax.set_title(sc)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(scenarios):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = os.path.join(figures, f"{prefix}_{name}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def classwise(ax, sc):
         for m in methods:
             finals = runs[sc, m]
             if finals:
                 per_class = [100 - sum(f["classwise_pgd_acc"][c] for f in finals) / len(finals)
                              for c in range(len(finals[0]["classwise_pgd_acc"]))]
-                ax.plot(range(len(per_class)), per_class, marker="o", ms=3, ls="--" if not is_aaa(m) else "-",
-                        label=m)
-        ax.set(title=sc, xlabel="class", ylabel="robust error (%)", ylim=(0, 100))
+                ax.plot(range(len(per_class)), per_class, marker="o", ms=3, ls="-" if is_aaa(m) else "--", label=m)
+        ax.set(xlabel="class", ylabel="robust error (%)", ylim=(0, 100))
         if grid.get("class_names"):
             ax.set_xticks(range(len(grid["class_names"])), grid["class_names"], rotation=45, fontsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(scenarios):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("class-wise robust error (PGD), mean over seeds")
-    fig.tight_layout()
-    paths.append(os.path.join(figures, f"{prefix}_classwise_robust_error.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax, sc in zip(axes.flat, scenarios):
+    def tradeoff(ax, sc):
         for m in methods:
             if (sc, m) in agg:
                 (cx, sx, _), (ry, sy, _) = agg[sc, m]["clean_acc"], agg[sc, m]["pgd_acc"]
                 ax.errorbar(cx, ry, xerr=sx, yerr=sy, fmt="o" if is_aaa(m) else "s", ms=5, capsize=2, label=m)
-        ax.set(title=sc, xlabel="natural accuracy (%)", ylabel="robust accuracy (%)")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(scenarios):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("natural vs robust accuracy, mean ± std over seeds")
-    fig.tight_layout()
-    paths.append(os.path.join(figures, f"{prefix}_natural_vs_robust.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    return paths
+        ax.set(xlabel="natural accuracy (%)", ylabel="robust accuracy (%)")
+
+    return [figure("classwise_robust_error", "class-wise robust error (PGD), mean over seeds", classwise),
+            figure("natural_vs_robust", "natural vs robust accuracy, mean ± std over seeds", tradeoff)]
 
 
 def main(argv: list[str] | None = None) -> int:
