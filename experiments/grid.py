@@ -12,8 +12,10 @@ results are final.json, metrics.csv, config.json and train.log). Exit status 1 w
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +59,28 @@ def finished(grid: dict, seed: int, scenario: str, method: str) -> bool:
     return True
 
 
+def _term_when_parent_dies() -> None:
+    """In the child, before exec (Linux): SIGTERM it if the runner dies, even by SIGKILL, so no
+    orphaned run keeps writing to a directory the next runner will resume."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_forwarding_signals(cmd: list[str], log) -> int:
+    """Run one training command. It has a session of its own, so a Ctrl-C at the terminal reaches
+    it once, through this forwarding (the CLI then checkpoints and exits with 130; a second
+    signal stops it at once), and a SIGTERM sent to the runner alone reaches it too."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_term_when_parent_dies if sys.platform.startswith("linux") else None)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def select(names: list[str] | None, available: dict | list, what: str) -> list:
     if names is None:
         return list(available)
@@ -92,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(out, exist_ok=True)
         t0 = time.time()
         with open(os.path.join(out, "train.log"), "a") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            rc = run_forwarding_signals(cmd, log)
         seconds = time.time() - t0
-        if rc == 130:  # Ctrl-C / SIGTERM: the run wrote its checkpoint; stop the grid too
+        if rc == 130:  # SIGINT / SIGTERM: the run wrote its checkpoint; stop the grid too
             print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: interrupted; rerun to continue", flush=True)
             return 130
         if rc != 0:

@@ -4,8 +4,10 @@ computed by hand from known final.json files."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -62,6 +64,40 @@ def test_grid_runs_each_cell_once_and_skips_finished_runs(tmp_path, data_dir):
                  methods={"ERM": ["--method", "erm", "--lr", "0.05"], "AAA": ["--method", "aaa", "--meta-every", "2"]})
     changed = run_grid(config)
     assert changed.returncode != 0 and "other arguments" in changed.stderr
+
+
+def wait_for(path, proc, seconds=300):
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_grid_stopped_mid_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir, how):
+    methods = {"AAA": ["--method", "aaa", "--meta-every", "2", "--epochs", "3"]}
+    whole = write_config(tmp_path / "whole.json", tmp_path / "whole", data_dir, methods)
+    assert run_grid(whole, "--seeds", "0").returncode == 0
+    config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir, methods)
+    run = tmp_path / "res" / "flip" / "AAA" / "seed0"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "grid.py"), config, "--seeds", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    wait_for(run / "metrics.csv", proc)  # the first epoch is done
+    if how == "SIGINT":  # to the runner alone, as from a job manager; it forwards it
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 130 and "interrupted; rerun to continue" in proc.stdout.read()
+    else:  # the runner dies; its run is told to stop (SIGTERM) instead of running on as an orphan
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 300
+        while "checkpoint written" not in (run / "train.log").read_text():  # the CLI's signal-stop message
+            assert time.time() < deadline, "the run did not stop after its runner died"
+            time.sleep(0.05)
+    assert not (run / "final.json").exists()
+    again = run_grid(config, "--seeds", "0")
+    assert again.returncode == 0 and "1 to run" in again.stdout
+    assert json.loads((run / "final.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "flip" / "AAA" / "seed0" / "final.json").read_text())
 
 
 def test_grid_rejects_bad_configs_and_names(tmp_path, data_dir):
