@@ -66,16 +66,23 @@ def _term_when_parent_dies() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_forwarding_signals(cmd: list[str], log) -> int:
-    """Run one training command. It has a session of its own, so a Ctrl-C at the terminal reaches
-    it once, through this forwarding (the CLI then checkpoints and exits with 130; a second
-    signal stops it at once), and a SIGTERM sent to the runner alone reaches it too."""
+def run_forwarding_signals(cmd: list[str], log) -> tuple[int, bool]:
+    """Run one training command; return its exit status and whether a signal was forwarded to
+    it. It has a session of its own, so a Ctrl-C at the terminal reaches it once, through this
+    forwarding (the CLI then checkpoints and exits with 130; a second signal stops it at once),
+    and a SIGTERM sent to the runner alone reaches it too. A signal that lands after the last
+    training step lets the run finish (exit 0): the caller stops after it all the same."""
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=_term_when_parent_dies if sys.platform.startswith("linux") else None)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    forwarded = []
+
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        return proc.wait(), bool(forwarded)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(out, exist_ok=True)
         t0 = time.time()
         with open(os.path.join(out, "train.log"), "a") as log:
-            rc = run_forwarding_signals(cmd, log)
+            rc, interrupted = run_forwarding_signals(cmd, log)
         seconds = time.time() - t0
         if rc == 130:  # SIGINT / SIGTERM: the run wrote its checkpoint; stop the grid too
             print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: interrupted; rerun to continue", flush=True)
@@ -137,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: clean {final['clean_acc']:.1f}% "
               f"PGD {final['pgd_acc']:.1f}% worst-class robust error {final['worst_rob_err']:.1f}% "
               f"({seconds:.0f}s)", flush=True)
+        if interrupted:
+            print("interrupted after this run; rerun to continue", flush=True)
+            return 130
     if failed:
         print(f"{len(failed)} run(s) failed: {failed}", file=sys.stderr)
         return 1

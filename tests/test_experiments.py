@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,6 +99,40 @@ def test_grid_stopped_mid_run_resumes_to_the_uninterrupted_result(tmp_path, data
     assert again.returncode == 0 and "1 to run" in again.stdout
     assert json.loads((run / "final.json").read_text()) == json.loads(
         (tmp_path / "whole" / "flip" / "AAA" / "seed0" / "final.json").read_text())
+
+
+def test_a_signal_forwarded_to_a_run_that_still_finishes_is_reported(tmp_path):
+    """A run may finish (exit 0) though a signal reached it, e.g. during its final evaluation:
+    the forwarding says so, so the runner stops instead of starting the next run."""
+    started = tmp_path / "started"
+    ignores_sigint = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                      f"open({str(started)!r}, 'w').close(); time.sleep(1)"]
+
+    def interrupt_runner_once_started():
+        while not started.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with open(tmp_path / "log", "w") as log:
+        assert grid_mod.run_forwarding_signals([sys.executable, "-c", "pass"], log) == (0, False)
+        threading.Thread(target=interrupt_runner_once_started, daemon=True).start()
+        assert grid_mod.run_forwarding_signals(ignores_sigint, log) == (0, True)
+
+
+def test_grid_stops_after_a_run_that_finished_despite_a_signal(tmp_path, data_dir, monkeypatch, capsys):
+    def finishes_though_signalled(cmd, log):
+        out = cmd[cmd.index("--out") + 1]
+        with open(os.path.join(out, "final.json"), "w") as f:
+            json.dump(fake_final((10, 20), (5, 10), [85] * 10), f)
+        return 0, True
+
+    monkeypatch.setattr(grid_mod, "run_forwarding_signals", finishes_though_signalled)
+    config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir)
+    assert grid_mod.main([config]) == 130
+    assert "interrupted after this run" in capsys.readouterr().out
+    done = [d for d in (tmp_path / "res" / "flip").glob("*/seed*") if (d / "run.json").exists()]
+    assert len(done) == 1  # the finished run counts; the next one never started
+    assert len(list((tmp_path / "res" / "flip").glob("*/seed*"))) == 1
 
 
 def test_grid_rejects_bad_configs_and_names(tmp_path, data_dir):
