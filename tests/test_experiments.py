@@ -171,9 +171,9 @@ def finished_grid(tmp_path):
             (run / "final.json").write_text(json.dumps(
                 fake_final((nat, nat + 10), (bdy, bdy + 5), [100 - nat - bdy] * 10)))
             (run / "run.json").write_text(json.dumps({"command": [], "seconds": 20}))
-            if m == "AAA-meta":  # only the last epoch counts: share of b > a 0.1, 0.2, 0.3
-                (run / "metrics.csv").write_text(f"epoch,frac_anti,mean_eps\n1,0.9,0.5\n2,{0.1 * (seed + 1)},"
-                                                 f"{0.1 + 0.01 * seed}\n")
+            if m == "AAA-meta":  # share of b > a: first epoch 0.9, 0.5, 1.0; last 0.1, 0.2, 0.3
+                (run / "metrics.csv").write_text(f"epoch,frac_anti,mean_eps\n1,{[0.9, 0.5, 1.0][seed]},0.5\n"
+                                                 f"2,{0.1 * (seed + 1)},{0.1 + 0.01 * seed}\n")
     return str(tmp_path / "toy.json")
 
 
@@ -197,7 +197,7 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     clean_vs = next(line for line in lines if line.startswith("| clean |"))
     assert f"-2.0 ± {math.sqrt(1 / 3):.1f} (AAA-meta vs FRL)" in clean_vs
     assert next(line for line in lines if line.startswith("| noisy |")).count("–") == 4  # no AAA run there
-    assert "| clean | 20.0% / 0.1100 |" in lines and "| noisy | – |" in lines  # meta-network's choices
+    assert "| clean | 80% (50–100%) → 20.0% / 0.1100 |" in lines and "| noisy | – |" in lines  # meta-network's choices
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- grid:toy:headline begin -->\n<!-- grid:toy:headline end -->\nb\n")
     report.main([finished_grid, "--markdown", str(readme)])
