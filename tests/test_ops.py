@@ -143,7 +143,7 @@ def test_edge_cases(backend, device, norm):
     out = pgd_step(x_adv, x_nat, zero, d, e, a, norm=norm)
     assert torch.isfinite(out).all()
     assert_matches(out, reference((x_adv, x_nat, zero, d, e, a), norm), norm)
-    proj_only = pgd_step(x_adv, x_nat, grad, torch.zeros(6), e, a, norm=norm)
+    proj_only = pgd_step(x_adv, x_nat, grad, torch.zeros(6, device=device), e, a, norm=norm)
     torch.testing.assert_close(out, proj_only, atol=ULP[torch.float32], rtol=0)
     # alpha = 0 with x_adv inside the ball: unchanged up to the rounding of x_nat + (x_adv - x_nat)
     inside = pgd_step(x_nat, x_nat, grad, d, e, 0.0, norm=norm)
