@@ -132,19 +132,19 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(out)
             print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: FAILED (exit {rc}), see {out}/train.log",
                   flush=True)
-            continue
-        with open(os.path.join(out, "run.json"), "w") as f:
-            json.dump({"command": cmd[1:], "seconds": round(seconds, 1)}, f, indent=2)
-        if not args.keep_checkpoints:
-            for name in CHECKPOINTS:
-                if os.path.exists(os.path.join(out, name)):
-                    os.remove(os.path.join(out, name))
-        with open(os.path.join(out, "final.json")) as f:
-            final = json.load(f)
-        print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: clean {final['clean_acc']:.1f}% "
-              f"PGD {final['pgd_acc']:.1f}% worst-class robust error {final['worst_rob_err']:.1f}% "
-              f"({seconds:.0f}s)", flush=True)
-        if interrupted:
+        else:
+            with open(os.path.join(out, "run.json"), "w") as f:
+                json.dump({"command": cmd[1:], "seconds": round(seconds, 1)}, f, indent=2)
+            if not args.keep_checkpoints:
+                for name in CHECKPOINTS:
+                    if os.path.exists(os.path.join(out, name)):
+                        os.remove(os.path.join(out, name))
+            with open(os.path.join(out, "final.json")) as f:
+                final = json.load(f)
+            print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: clean {final['clean_acc']:.1f}% "
+                  f"PGD {final['pgd_acc']:.1f}% worst-class robust error {final['worst_rob_err']:.1f}% "
+                  f"({seconds:.0f}s)", flush=True)
+        if interrupted:  # the signal reached the run too late to stop it (it finished or failed): stop now
             print("interrupted after this run; rerun to continue", flush=True)
             return 130
     if failed:

@@ -111,7 +111,7 @@ def aaa_diagnostics_table(scenarios: list[str], methods: list[str], runs: dict) 
     softmax the untrained meta-network's split is a per-seed draw) and in the last epoch, and the
     last epoch's mean bound eps_i."""
     aaa = [m for m in methods if is_aaa(m)]
-    lines = ["| scenario | " + " | ".join(f"{m}" for m in aaa) + " |", "|---|" + "---|" * len(aaa)]
+    lines = ["| scenario | " + " | ".join(aaa) + " |", "|---|" + "---|" * len(aaa)]
     for sc in scenarios:
         cells = []
         for m in aaa:

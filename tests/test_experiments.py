@@ -119,20 +119,22 @@ def test_a_signal_forwarded_to_a_run_that_still_finishes_is_reported(tmp_path):
         assert grid_mod.run_forwarding_signals(ignores_sigint, log) == (0, True)
 
 
-def test_grid_stops_after_a_run_that_finished_despite_a_signal(tmp_path, data_dir, monkeypatch, capsys):
-    def finishes_though_signalled(cmd, log):
-        out = cmd[cmd.index("--out") + 1]
-        with open(os.path.join(out, "final.json"), "w") as f:
-            json.dump(fake_final((10, 20), (5, 10), [85] * 10), f)
-        return 0, True
+@pytest.mark.parametrize("rc", [0, 1], ids=["finished", "failed"])
+def test_grid_stops_after_a_run_that_ended_despite_a_signal(tmp_path, data_dir, monkeypatch, capsys, rc):
+    def ends_though_signalled(cmd, log):
+        if rc == 0:
+            out = cmd[cmd.index("--out") + 1]
+            with open(os.path.join(out, "final.json"), "w") as f:
+                json.dump(fake_final((10, 20), (5, 10), [85] * 10), f)
+        return rc, True
 
-    monkeypatch.setattr(grid_mod, "run_forwarding_signals", finishes_though_signalled)
+    monkeypatch.setattr(grid_mod, "run_forwarding_signals", ends_though_signalled)
     config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir)
     assert grid_mod.main([config]) == 130
     assert "interrupted after this run" in capsys.readouterr().out
     done = [d for d in (tmp_path / "res" / "flip").glob("*/seed*") if (d / "run.json").exists()]
-    assert len(done) == 1  # the finished run counts; the next one never started
-    assert len(list((tmp_path / "res" / "flip").glob("*/seed*"))) == 1
+    assert len(done) == (1 if rc == 0 else 0)  # a finished run counts, a failed one does not
+    assert len(list((tmp_path / "res" / "flip").glob("*/seed*"))) == 1  # the next run never started
 
 
 def test_grid_rejects_bad_configs_and_names(tmp_path, data_dir):
