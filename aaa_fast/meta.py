@@ -7,6 +7,7 @@ BatchNorm statistics are never changed by them.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,31 +19,65 @@ from .objective import NUM_FEATURES
 Params = dict[str, Tensor]
 
 
+META_INITS = ("trades", "reference")
+
+
 class MetaNet(nn.Module):
     """BatchNorm1d(6) -> Linear(6, hidden) -> ReLU -> Linear(hidden, 2 or 3).
 
     forward(features) -> (a, b, s): (a_i, b_i) = softmax(out[:, :2] / T), the weights of the
     TRADES and anti-adversarial terms; s_i in [s_min, s_max] from a third head when
-    `bound_head` (METHOD.md's `meta` bounds), else None.
+    `bound_head` (the `meta` bounds of docs/METHOD.md), else None.
+
+    init (docs/METHOD.md, "How the meta-network starts"):
+    - "trades" (extension, the default): the last layer's weights are scaled by T and its bias
+      set so that every row starts at a ~= `start_a` (TRADES side) with a(1 - a) far from 0, so
+      the meta-gradient reaches every row from the first meta step.
+    - "reference": PyTorch's default initialisation, as the authors' code. At T = 0.001 its
+      first split is a near-hard coin toss and most rows sit where the softmax has no gradient.
     """
 
-    def __init__(self, in_features: int = NUM_FEATURES, hidden: int = 100, *, temperature: float = 1e-3,
-                 bound_head: bool = False, s_min: float = 0.5, s_max: float = 2.0):
+    def __init__(self, in_features: int = NUM_FEATURES, hidden: int = 100, *, temperature: float = 0.05,
+                 bound_head: bool = False, s_min: float = 0.5, s_max: float = 2.0, init: str = "trades",
+                 start_a: float = 0.9):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 <= s_min <= s_max:
             raise ValueError(f"need 0 <= s_min <= s_max, got s_min={s_min}, s_max={s_max}")
+        if init not in META_INITS:
+            raise ValueError(f"init must be one of {META_INITS}, got {init!r}")
+        if not 0 < start_a < 1:
+            raise ValueError(f"start_a must be in (0, 1), got {start_a}")
         self.temperature, self.s_min, self.s_max = temperature, s_min, s_max
         self.net = nn.Sequential(nn.BatchNorm1d(in_features), nn.Linear(in_features, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 3 if bound_head else 2))
+        if init == "trades":
+            last = self.net[-1]
+            with torch.no_grad():
+                # out/T then has the default init's spread (rows differ, none saturates) around
+                # logit(start_a) = out_a/T - out_b/T; the bound head starts as it would by default
+                last.weight[:2].mul_(temperature)
+                last.bias[:2] = torch.tensor([0.5, -0.5]) * temperature * math.log(start_a / (1 - start_a))
 
     @property
     def bound_head(self) -> bool:
         return self.net[-1].out_features == 3
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        out = self.net(features.to(self.net[1].weight.dtype))
+        if features.shape[0] == 1 and self.training:
+            # BatchNorm1d cannot take batch statistics of one row: use the running ones
+            return self._eval_forward(features)
+        return self._heads(self.net(features.to(self.net[1].weight.dtype)))
+
+    def _eval_forward(self, features: Tensor):
+        self.eval()
+        try:
+            return self._heads(self.net(features.to(self.net[1].weight.dtype)))
+        finally:
+            self.train()
+
+    def _heads(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         ab = torch.softmax(out[:, :2] / self.temperature, dim=1)
         s = None
         if self.bound_head:

@@ -6,7 +6,8 @@ losses as special cases of one weighted objective (see METHOD.md, "The training 
       + (1/|B|) sum_i b_i CE(f(x_i^anti), y_i)
 
 ERM is (a=1, lam=0, b=0); TRADES is (a=1, b=0, u=v=1); FRL is TRADES with fairness class
-weights u, v; PGD-AT is ERM on adversarial logits.
+weights u, v; PGD-AT is ERM on adversarial logits. OBJECTIVES: "paper" as above; "kl-all"
+(extension) weights the KL term by 1 instead of a_i, so anti rows keep adversarial training.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 NUM_FEATURES = 6
+OBJECTIVES = ("paper", "kl-all")
 INITIAL_CLASS_LOSS = 5.0  # METHOD.md: the previous-epoch class loss starts at 5
 
 
@@ -63,9 +65,12 @@ class LossTerms:
 
 def weighted_objective(y: Tensor, nat_logits: Tensor, *, a: Tensor | float = 1.0, u: Tensor | None = None,
                        adv_logits: Tensor | None = None, v: Tensor | None = None, lam: float = 0.0,
-                       anti_logits: Tensor | None = None, b: Tensor | float = 0.0) -> LossTerms:
+                       anti_logits: Tensor | None = None, b: Tensor | float = 0.0,
+                       a_boundary: Tensor | float | None = None) -> LossTerms:
     """The three-term objective above. u, v: (C,) class weights (None: all 1); a, b: (N,) or numbers.
-    A term whose logits are None (or lam = 0) is left out."""
+    A term whose logits are None (or lam = 0) is left out. `a_boundary` weights the KL term in
+    place of a: 1.0 is the "kl-all" objective (extension), in which a row sent to the anti term
+    keeps its label-free adversarial term."""
     ce = per_sample_ce(nat_logits, y)
     u_rows = u[y] if u is not None else torch.ones_like(ce)
     natural = (a * u_rows * ce).sum() / u_rows.sum()
@@ -73,7 +78,8 @@ def weighted_objective(y: Tensor, nat_logits: Tensor, *, a: Tensor | float = 1.0
     boundary = zero
     if adv_logits is not None and lam != 0:
         v_rows = v[y] if v is not None else torch.ones_like(ce)
-        boundary = (a * v_rows * per_sample_kl(nat_logits, adv_logits)).sum() / v_rows.sum()
+        a_kl = a if a_boundary is None else a_boundary
+        boundary = (a_kl * v_rows * per_sample_kl(nat_logits, adv_logits)).sum() / v_rows.sum()
     anti = zero
     if anti_logits is not None:
         anti = (b * per_sample_ce(anti_logits, y)).sum() / y.shape[0]

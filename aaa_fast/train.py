@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -27,14 +28,20 @@ from .checkpoint import CheckpointError, config_hash, load_checkpoint, load_newe
 from .data import (DATASETS, NOISE_KINDS, DatasetError, build_scenario, class_balanced_subset, load_dataset,
                    random_crop_flip)
 from .evaluate import classwise_accuracy
-from .meta import MetaNet
+from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
+from .meta import META_INITS
 from .models import ARCHS, build_model
+from .objective import OBJECTIVES
 from .runtime import keep_cpu_memory
-from .trainer import AMP, BOUND_MODES, METHODS, AAAConfig, AAATrainer
+from .trainer import AMP, BOUND_MODES, META_INIT_DEFAULTS, METHODS, AAAConfig, AAATrainer, make_meta_net
 
 NOISE_ALIASES = {"sym": "uniform", "asym": "flip1"}
-METRIC_FIELDS = ["epoch", "lr", "loss", "natural", "boundary", "anti", "frac_anti", "mean_eps", "skipped",
+# per-step statistics averaged over an epoch's steps (frac_anti: share of rows with b > a;
+# grad_band: share with a(1 - a) > 1e-3); meta_grad_norm: mean over the epoch's meta steps
+STEP_FIELDS = ["loss", "natural", "boundary", "anti", "frac_anti", "grad_band", "mean_eps"]
+METRIC_FIELDS = ["epoch", "lr", *STEP_FIELDS, "meta_grad_norm", *GROUP_FIELDS, "skipped",
                  "test_clean_acc", "test_pgd_acc", "seconds"]
+DIAGNOSTIC_FIELDS = ["frac_anti", "grad_band", "mean_eps", "meta_grad_norm", *GROUP_FIELDS]
 
 
 def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -80,7 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=_number(float, 0, lo_open=True), default=None, help="attack step; default eps/4")
     g.add_argument("--steps", type=_number(int, 0), default=10)
     g.add_argument("--lam", type=_number(float, 0), default=None, help="TRADES lambda; default 1.5 (aaa*), 6 otherwise")
-    g.add_argument("--temperature", type=_number(float, 0, lo_open=True), default=1e-3)
+    g.add_argument("--objective", default="paper", choices=OBJECTIVES,
+                   help="paper: a_i weights the natural CE and the KL term; kl-all (extension): the KL "
+                        "term applies to every row, so anti-adversarial rows keep adversarial training")
+    g.add_argument("--meta-init", default="trades", choices=META_INITS,
+                   help="how the meta-network starts: trades (every row on the TRADES side, learnable) "
+                        "or reference (the authors' default init; with T=0.001 a near-hard coin toss)")
+    g.add_argument("--temperature", type=_number(float, 0, lo_open=True), default=None,
+                   help="T of the meta-network's softmax; default 0.05 (trades init), 0.001 (reference)")
+    g.add_argument("--anti-cap", type=_number(float, 0, 1), default=None,
+                   help="collapse guard: the meta objective pays for a batch's anti share above this; "
+                        "default 0.5 (trades init), 1 = off (reference)")
     g.add_argument("--meta-every", type=_number(int, 1), default=50)
     g.add_argument("--meta-lr", type=_number(float, 0, lo_open=True), default=1e-4)
     g.add_argument("--meta-batch-size", type=_number(int, 1), default=100)
@@ -126,10 +143,16 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.eval_eps = 0.1 if fmnist else 8 / 255
     if args.lam is None:
         args.lam = 1.5 if args.method.startswith("aaa") else 6.0
+    for key, value in META_INIT_DEFAULTS[args.meta_init].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.download is None:
         args.download = not fmnist
     if args.label_noise == "none" and args.noise_rate > 0:
         raise SystemExit("error: --noise-rate needs --label-noise uniform|flip1|flip2")
+    if args.method == "aaa-oracle" and (args.label_noise == "none" or args.noise_rate == 0):
+        raise SystemExit("error: --method aaa-oracle sends the rows whose labels were corrupted to the anti "
+                         "term: it needs --label-noise and --noise-rate > 0")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -252,6 +275,12 @@ def model_for(arch: str, data, device) -> torch.nn.Module:
                        std=std).to(device)
 
 
+def meta_net_seed(scenario_info: dict) -> int:
+    """The meta-network's initial draw, one per (scenario, seed): runs of one --seed in different
+    scenarios must not share it (the first study's did, so three draws decided all its runs)."""
+    return zlib.crc32(json.dumps(scenario_info, sort_keys=True).encode())
+
+
 def evaluate_split(model, x, y, num_classes, args, device, seed) -> dict:
     result = classwise_accuracy(model, x, y, num_classes, eps=args.eval_eps, steps=args.eval_steps,
                                 alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=AMP[args.amp],
@@ -302,18 +331,19 @@ def train(args: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --init: {exc}") from None
         model.load_state_dict(init["trainer"]["model"])
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    meta_net = meta_opt = None
-    if args.method == "aaa":
-        meta_net = MetaNet(temperature=args.temperature, bound_head=args.bound_mode == "meta")
-        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4)
     counts = scenario.class_counts.double()
     config = AAAConfig(method=args.method, num_classes=c, eps=args.eps, alpha=args.alpha, steps=args.steps,
                        lam=args.lam, bound_mode=args.bound_mode, fairness=False if args.no_fairness else None,
-                       temperature=args.temperature, meta_every=args.meta_every,
+                       objective=args.objective, meta_init=args.meta_init, temperature=args.temperature,
+                       anti_cap=args.anti_cap, meta_every=args.meta_every,
                        class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
                        fairness_eval_steps=args.eval_steps, amp=args.amp, channels_last=args.channels_last,
                        compile=args.compile,
                        seed=args.seed, skip_nonfinite=args.skip_nonfinite)
+    meta_net = meta_opt = None
+    if args.method == "aaa":
+        meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info))
+        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4)
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
     trainer.grad_sync = par.average
     steps_per_epoch = math.ceil(scenario.train_y.shape[0] / args.batch_size)
@@ -326,6 +356,8 @@ def train(args: argparse.Namespace) -> dict:
 
     # data held on the training device as uint8; shuffling from a seeded generator
     train_x, train_y = scenario.train_x.to(device), scenario.train_y.to(device)
+    corrupted = (scenario.train_y != scenario.train_y_clean).to(device)
+    choices = ChoiceDiagnostics(corrupted, tail_classes(torch.bincount(scenario.train_y_clean, minlength=c)))
     meta_x, meta_y = scenario.meta_x.to(device), scenario.meta_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     if args.test_subset is not None and args.test_subset < test_y.shape[0]:
@@ -362,11 +394,16 @@ def train(args: argparse.Namespace) -> dict:
         t0 = time.time()
         if position is not None:  # continue inside the epoch a signal interrupted
             order, meta_order = position["order"].to(device), position["meta_order"].to(device)
-            sums, first_step, position = position["sums"], position["step"], None
+            sums, first_step = position["sums"], position["step"]
+            choices.load_state_dict(position["choices"])
+            position = None
         else:
+            # the reference updates the fairness multipliers before every epoch, the first too
+            trainer.update_fairness(meta_x, meta_y)
             order = torch.randperm(train_y.shape[0], generator=shuffle).to(device)
             meta_order = torch.randperm(meta_y.shape[0], generator=shuffle).to(device)
-            sums, first_step = torch.zeros(7, dtype=torch.float64), 0
+            sums, first_step = dict.fromkeys(["steps", *STEP_FIELDS, "meta_steps", "meta_grad_norm"], 0.0), 0
+            choices.reset()
         batches = range(first_step, steps_per_epoch)
         if use_bar and par.main:
             from tqdm import tqdm
@@ -376,9 +413,9 @@ def train(args: argparse.Namespace) -> dict:
             x = train_x[idx]
             if augment:
                 x = random_crop_flip(x, generator=augment_gen)
-            m = meta_order[(i * n_meta_batch) % meta_y.shape[0]:][:n_meta_batch]
+            meta_rows = meta_order[(i * n_meta_batch) % meta_y.shape[0]:][:n_meta_batch]
             try:
-                stats = trainer.step(x, train_y[idx], meta_x[m], meta_y[m])
+                stats = trainer.step(x, train_y[idx], meta_x[meta_rows], meta_y[meta_rows], corrupted=corrupted[idx])
             except FloatingPointError as exc:
                 last = (f"the last good checkpoint is {ckpt_path} (after epoch {history[-1]['epoch']})" if history
                         else "no checkpoint was written yet")
@@ -386,12 +423,18 @@ def train(args: argparse.Namespace) -> dict:
             scheduler.step()
             par.broadcast_buffers(model)
             if not stats.get("skipped"):
-                sums += torch.tensor([1, stats["loss"], stats["natural"], stats["boundary"], stats["anti"],
-                                      stats["frac_anti"], stats["mean_eps"]], dtype=torch.float64)
+                sums["steps"] += 1
+                for key in STEP_FIELDS:
+                    sums[key] += stats[key]
+                if "meta_grad_norm" in stats:
+                    sums["meta_steps"] += 1
+                    sums["meta_grad_norm"] += stats["meta_grad_norm"]
+                choices.add(idx, *trainer.last_choice)
             if use_bar and par.main:
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             if stopper.requested:
-                checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums))
+                checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
+                                       choices=choices.state_dict()))
                 if par.main:
                     print(f"stopped after step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}; checkpoint written "
                           f"to {ckpt_path}; continue with --resume", file=sys.stderr, flush=True)
@@ -399,11 +442,11 @@ def train(args: argparse.Namespace) -> dict:
                 raise SystemExit(130)
         par.sum_(trainer._epoch_loss_sum)
         par.sum_(trainer._epoch_loss_count)
-        trainer.end_epoch(meta_x, meta_y)
-        n = max(sums[0].item(), 1)
-        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], loss=sums[1].item() / n,
-                   natural=sums[2].item() / n, boundary=sums[3].item() / n, anti=sums[4].item() / n,
-                   frac_anti=sums[5].item() / n, mean_eps=sums[6].item() / n, skipped=trainer.skipped_steps,
+        trainer.end_epoch(fairness=False)
+        n = max(sums["steps"], 1)
+        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{k: sums[k] / n for k in STEP_FIELDS},
+                   meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
+                   **choices.summary(scenario.train_y_clean), skipped=trainer.skipped_steps,
                    test_clean_acc="", test_pgd_acc="")
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             sub = torch.arange(min(args.eval_subset, test_y.shape[0]), device=device)
@@ -423,14 +466,15 @@ def train(args: argparse.Namespace) -> dict:
                 writer.writerows(history)
             acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
                    if row["test_clean_acc"] != "" else "")
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}, anti {row['frac_anti']:.2f}, "
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}, anti share {row['frac_anti']:.2f}, "
                   f"eps {row['mean_eps']:.4f}{acc} ({row['seconds']:.1f}s)", flush=True)
 
     final = evaluate_split(model, test_x, test_y, c, args, device, seed=args.seed + 99)
     if args.autoattack:
         final["autoattack_acc"] = autoattack_accuracy(model, test_x, test_y, args)
     final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
-                 scenario=scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps)
+                 scenario=scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
+                 diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
     if par.main:
         with open(os.path.join(args.out, "final.json"), "w") as f:
             json.dump(final, f, indent=2)

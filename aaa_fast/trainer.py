@@ -4,6 +4,8 @@
     for x, y in loader:
         stats = trainer.step(x, y, x_meta, y_meta)    # a meta batch every step; used every k-th
     trainer.end_epoch(x_meta_all, y_meta_all)         # fairness multipliers, class-loss features
+    (the CLI calls trainer.update_fairness(x_meta_all, y_meta_all) at each epoch's start instead,
+    as the reference does, and end_epoch(fairness=False) at its end)
 
 Every method runs through the same code: build the examples it trains on (none, PGD-CE,
 TRADES-KL, or the AAA pair as one 2N batch), one train-mode forward of all rows concatenated
@@ -22,18 +24,22 @@ from torch import Tensor, nn
 from .attack import autocast, check_labels, build_pair, eval_mode, perturb
 from .evaluate import classwise_accuracy
 from .fairness import FairnessMultipliers
-from .meta import MetaNet, meta_gradient
-from .objective import INITIAL_CLASS_LOSS, sample_features, weighted_objective
+from .meta import META_INITS, MetaNet, meta_gradient
+from .objective import INITIAL_CLASS_LOSS, OBJECTIVES, sample_features, weighted_objective
 from .ops.reference import project
 
-METHODS = ("erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa")
+METHODS = ("erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa", "aaa-oracle")
+AAA_METHODS = ("aaa-fixed", "aaa", "aaa-oracle")  # the ones that build the adversarial/anti-adversarial pair
+# the meta-network's temperature and collapse guard that go with each way of starting it
+META_INIT_DEFAULTS = {"trades": dict(temperature=0.05, anti_cap=0.5), "reference": dict(temperature=1e-3, anti_cap=1.0)}
+GRAD_BAND = 1e-3  # a row whose a(1 - a) is above this still gets a meta-gradient (diagnostics)
 BOUND_MODES = ("fixed", "remargin", "meta")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class AAAConfig:
-    method: str = "aaa"              # erm | pgd-at | trades | frl | aaa-fixed | aaa
+    method: str = "aaa"              # erm | pgd-at | trades | frl | aaa-fixed | aaa | aaa-oracle
     num_classes: int = 10
     eps: float = 10 / 255            # base bound eps_0, pixel units
     alpha: float = 2 / 255           # attack step
@@ -43,11 +49,16 @@ class AAAConfig:
     norm: str = "linf"
     bound_mode: str | None = None    # fixed | remargin | meta; default: remargin for frl/aaa*, else fixed
     fairness: bool | None = None     # FRL multipliers; default: on for frl and aaa*, off otherwise
-    temperature: float = 1e-3        # T of the meta-net's softmax
+    objective: str = "paper"         # paper | kl-all (a_i weights the natural CE only; KL for every row)
+    meta_init: str = "trades"        # trades (learnable start on the TRADES side) | reference (authors' code)
+    temperature: float | None = None  # T of the meta-net's softmax; default 0.05 (trades init), 1e-3 (reference)
+    anti_cap: float | None = None    # collapse guard: the meta objective pays mean_i b_i - anti_cap when
+                                     # positive; default 0.5 (trades init), 1.0 = off (reference)
     s_min: float = 0.5               # meta bounds: s_i in [s_min, s_max]
     s_max: float = 2.0
     meta_every: int = 50             # k: one meta step every k iterations
     fixed_weights: tuple[float, float] = (0.5, 0.5)  # aaa-fixed: (a_i, b_i) for every sample
+                                     # (aaa-oracle: a_i = 0, b_i = 1 on corrupted-label rows, else 1, 0)
     class_share: Sequence[float] | None = None       # feature 6; None: balanced
     tau: float = 0.07                # FRL tolerance
     rho1: float = 0.05               # FRL step for nu, eta (halved every 40 updates)
@@ -66,9 +77,20 @@ class AAAConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.bound_mode is None:
-            self.bound_mode = "remargin" if self.method in ("frl", "aaa-fixed", "aaa") else "fixed"
+            self.bound_mode = "remargin" if self.method in ("frl", *AAA_METHODS) else "fixed"
         if self.fairness is None:
-            self.fairness = self.method in ("frl", "aaa-fixed", "aaa")
+            self.fairness = self.method in ("frl", *AAA_METHODS)
+        if self.meta_init not in META_INITS:
+            raise ValueError(f"meta_init must be one of {META_INITS}, got {self.meta_init!r}")
+        for key, value in META_INIT_DEFAULTS[self.meta_init].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
+        if not 0 <= self.anti_cap <= 1:
+            raise ValueError(f"anti_cap must be in [0, 1] (1 = no guard), got {self.anti_cap}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.bound_mode not in BOUND_MODES:
             raise ValueError(f"bound_mode must be one of {BOUND_MODES}, got {self.bound_mode!r}")
         if self.bound_mode == "meta" and self.method != "aaa":
@@ -91,6 +113,19 @@ class AAAConfig:
             raise ValueError(f"class_share needs {self.num_classes} values, got {len(self.class_share)}")
         if len(self.fixed_weights) != 2 or min(self.fixed_weights) < 0:
             raise ValueError(f"fixed_weights must be two numbers >= 0, got {self.fixed_weights}")
+
+
+def make_meta_net(config: AAAConfig, *, seed: int | None = None) -> MetaNet:
+    """The meta-network `config` describes (init, temperature, bound head), its initial weights
+    drawn from `seed` when given (without touching the global random state)."""
+    def build():
+        return MetaNet(temperature=config.temperature, bound_head=config.bound_mode == "meta",
+                       s_min=config.s_min, s_max=config.s_max, init=config.meta_init)
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 class AAATrainer:
@@ -123,6 +158,7 @@ class AAATrainer:
         self._epoch_loss_count = torch.zeros(c, dtype=torch.float64, device=self.device)
         self.iteration = 0
         self.skipped_steps = 0
+        self.last_choice: tuple[Tensor, Tensor] | None = None  # the last step's rows' (a, b)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         # data parallelism: called with the model's (and the meta-net's) gradients before each
         # optimizer step, e.g. to average them across ranks (see aaa_fast.train.Distributed)
@@ -177,9 +213,13 @@ class AAATrainer:
         return project(unprojected, torch.cat([x, x]), (self.config.eps * s).repeat(2), self.config.norm)
 
     # ------------------------------------------------------------------ the step
-    def step(self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None) -> dict:
+    def step(self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *,
+             corrupted: Tensor | None = None) -> dict:
         """One training iteration on (x, y); the meta batch is used on every `meta_every`-th
-        iteration by method 'aaa'. Returns losses and per-batch statistics as floats."""
+        iteration by method 'aaa'. `corrupted` (bool, (N,)): which labels are wrong, needed by
+        the 'aaa-oracle' control only. Returns losses and per-batch statistics as floats
+        (frac_anti: share of rows with b > a; grad_band: share with a(1 - a) > 1e-3;
+        meta_grad_norm on meta steps); the rows' (a, b) stay in `last_choice`."""
         cfg, model = self.config, self.model
         x, y = self._inputs(x, y)
         n = x.shape[0]
@@ -189,6 +229,7 @@ class AAATrainer:
         b: Tensor | float = 0.0
         lam = cfg.lam
         meta_stepped = False
+        meta_grad_norm = None
         if cfg.method == "erm":
             rows, lam = [x], 0.0
         elif cfg.method == "pgd-at":
@@ -202,11 +243,17 @@ class AAATrainer:
             rows = [x, x_adv]
         else:
             clean_logits = self._clean_logits(x, y)
-            features = sample_features(clean_logits, y, self.class_loss_avg, self.class_share)
+            s = None
             if cfg.method == "aaa-fixed":
                 a, b = cfg.fixed_weights
-                s = None
+            elif cfg.method == "aaa-oracle":
+                if not (isinstance(corrupted, Tensor) and corrupted.shape == y.shape):
+                    raise ValueError(f"method='aaa-oracle' needs corrupted=, a bool tensor of shape {tuple(y.shape)} "
+                                     "saying which training labels are corrupted")
+                b = corrupted.to(self.device, non_blocking=True).float()
+                a = 1 - b
             else:
+                features = sample_features(clean_logits, y, self.class_loss_avg, self.class_share)
                 self.meta_net.train()
                 with torch.no_grad():
                     a, b, s = self.meta_net(features)
@@ -216,7 +263,7 @@ class AAATrainer:
             pair = self._pair(x, y, clean_logits, eps_rows, keep_unprojected=meta_bounds)
             pair, unprojected = pair if meta_bounds else (pair, None)
             if cfg.method == "aaa" and x_meta is not None and self.iteration % cfg.meta_every == 0:
-                self._meta_step(x, y, features, pair, unprojected, x_meta, y_meta, u, v)
+                meta_grad_norm = self._meta_step(x, y, features, pair, unprojected, x_meta, y_meta, u, v)
                 meta_stepped = True
                 with torch.no_grad():
                     a, b, s = self.meta_net(features)
@@ -228,7 +275,8 @@ class AAATrainer:
         logits = self._forward(rows, amp_dtype=self.amp_dtype)
         nat_logits = logits[0]
         terms = weighted_objective(y, nat_logits, a=a, u=u, adv_logits=logits[1] if len(rows) > 1 else None, v=v,
-                                   lam=lam, anti_logits=logits[2] if len(rows) > 2 else None, b=b)
+                                   lam=lam, anti_logits=logits[2] if len(rows) > 2 else None, b=b,
+                                   a_boundary=self._a_boundary)
         if not torch.isfinite(terms.total):
             return self._nonfinite("loss", terms)
         self.optimizer.zero_grad(set_to_none=True)
@@ -247,10 +295,15 @@ class AAATrainer:
         self.iteration += 1
         a_rows = torch.as_tensor(a, device=self.device).expand(n).float()
         b_rows = torch.as_tensor(b, device=self.device).expand(n).float()
-        values = torch.stack([terms.total.detach(), terms.natural.detach(), terms.boundary.detach(),
-                              terms.anti.detach(), eps_rows.float().mean(), (b_rows > a_rows).float().mean()]).tolist()
-        keys = ("loss", "natural", "boundary", "anti", "mean_eps", "frac_anti")
-        return dict(zip(keys, values), meta_step=meta_stepped, iteration=self.iteration)
+        self.last_choice = (a_rows, b_rows)
+        values = [terms.total.detach(), terms.natural.detach(), terms.boundary.detach(), terms.anti.detach(),
+                  eps_rows.float().mean(), (b_rows > a_rows).float().mean(),
+                  (a_rows * (1 - a_rows) > GRAD_BAND).float().mean()]
+        keys = ["loss", "natural", "boundary", "anti", "mean_eps", "frac_anti", "grad_band"]
+        if meta_grad_norm is not None:
+            values.append(meta_grad_norm)
+            keys.append("meta_grad_norm")
+        return dict(zip(keys, torch.stack(values).tolist()), meta_step=meta_stepped, iteration=self.iteration)
 
     def _nonfinite(self, what: str, terms) -> dict:
         if not self.config.skip_nonfinite:
@@ -262,9 +315,14 @@ class AAATrainer:
         self.iteration += 1
         return {"loss": float("nan"), "skipped": True, "iteration": self.iteration, "meta_step": False}
 
-    def _meta_step(self, x, y, features, pair, unprojected, x_meta, y_meta, u, v) -> None:
-        """METHOD.md steps 2-3: virtual SGD step on L(W; Omega), meta loss on the meta batch
-        (its own pair built against W, a = b = 1), Adam step on Omega."""
+    @property
+    def _a_boundary(self) -> float | None:
+        return 1.0 if self.config.objective == "kl-all" else None
+
+    def _meta_step(self, x, y, features, pair, unprojected, x_meta, y_meta, u, v) -> Tensor:
+        """docs/METHOD.md steps 2-3: virtual SGD step on L(W; Omega), meta loss on the meta batch
+        (its own pair built against W, a = b = 1) plus the collapse guard, Adam step on Omega.
+        Returns the meta-gradient's norm (a 0-d tensor)."""
         cfg = self.config
         x_meta, y_meta = self._inputs(x_meta, y_meta)
         n = x.shape[0]
@@ -273,18 +331,26 @@ class AAATrainer:
         # fp16 double-backward would need its own loss scaling: the lookahead runs in fp32 then
         amp_dtype = None if self.amp_dtype == torch.float16 else self.amp_dtype
 
+        chosen = {}
+
         def train_loss(forward) -> Tensor:
             a, b, s = self.meta_net(features)
+            chosen["b"] = b
             # meta bounds: gradient to them through the last projection
             both = pair if s is None else self._meta_bounded_pair(unprojected, x, s)
             logits = self._forward([x, both[:n], both[n:]], forward, amp_dtype)
             return weighted_objective(y, logits[0], a=a, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
-                                      anti_logits=logits[2], b=b).total
+                                      anti_logits=logits[2], b=b, a_boundary=self._a_boundary).total
 
         def meta_loss(forward) -> Tensor:
             logits = self._forward(meta_rows, forward, amp_dtype)
-            return weighted_objective(y_meta, logits[0], a=1.0, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
+            loss = weighted_objective(y_meta, logits[0], a=1.0, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
                                       anti_logits=logits[2], b=1.0).total
+            if cfg.anti_cap < 1:
+                # the lookahead favours the easy anti term for every row; past the cap the
+                # guard's gradient (O(1/T)) outweighs it and pushes the share back
+                loss = loss + (chosen["b"].mean() - cfg.anti_cap).clamp_min(0)
+            return loss
 
         self.model.train()
         self.meta_net.train()
@@ -295,30 +361,44 @@ class AAATrainer:
         for p, g in zip([p for p in self.meta_net.parameters() if p.requires_grad], grads):
             p.grad = g
         self.meta_optimizer.step()
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     # ------------------------------------------------------------------ epochs and state
     def end_epoch(self, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *,
-                  classwise_nat_err=None, classwise_bdy_err=None, batch_size: int = 256) -> dict:
-        """Close an epoch: this epoch's class-average clean losses become feature 2, and with
-        fairness on the multipliers are updated from class-wise errors, either given or measured
-        here on (x_meta, y_meta) with PGD-`fairness_eval_steps`."""
-        cfg = self.config
+                  classwise_nat_err=None, classwise_bdy_err=None, batch_size: int = 256,
+                  fairness: bool = True) -> dict:
+        """Close an epoch: this epoch's class-average clean losses become feature 2, and (with
+        fairness on, unless fairness=False because `update_fairness` runs at epoch starts) the
+        multipliers are updated as `update_fairness` does."""
         seen = self._epoch_loss_count > 0
         avg = self._epoch_loss_sum / self._epoch_loss_count.clamp_min(1)
         self.class_loss_avg = torch.where(seen, avg.float(), self.class_loss_avg)
         self._epoch_loss_sum.zero_()
         self._epoch_loss_count.zero_()
+        if not fairness:
+            return {}
+        return self.update_fairness(x_meta, y_meta, classwise_nat_err=classwise_nat_err,
+                                    classwise_bdy_err=classwise_bdy_err, batch_size=batch_size)
+
+    def update_fairness(self, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *,
+                        classwise_nat_err=None, classwise_bdy_err=None, batch_size: int = 256) -> dict:
+        """With fairness on, update the FRL multipliers from class-wise errors, either given or
+        measured here on (x_meta, y_meta) with PGD-`fairness_eval_steps`. The reference calls
+        this at the start of every epoch, the first included, so the multipliers act in every
+        epoch. Returns the measured summary (empty when fairness is off or errors are given)."""
+        cfg = self.config
         out = {}
-        if cfg.fairness:
-            if classwise_nat_err is None or classwise_bdy_err is None:
-                if x_meta is None or y_meta is None:
-                    raise ValueError("fairness is on: pass the meta set (x_meta, y_meta) or the class-wise errors")
-                result = classwise_accuracy(self.model, x_meta, y_meta, cfg.num_classes, eps=cfg.fairness_eval_eps,
-                                            steps=cfg.fairness_eval_steps, alpha=cfg.alpha, batch_size=batch_size,
-                                            amp_dtype=self.amp_dtype, generator=self.generator)
-                classwise_nat_err, classwise_bdy_err = result.nat_err, result.bdy_err
-                out.update(result.summary())
-            self.fairness.update(classwise_nat_err, classwise_bdy_err)
+        if not cfg.fairness:
+            return out
+        if classwise_nat_err is None or classwise_bdy_err is None:
+            if x_meta is None or y_meta is None:
+                raise ValueError("fairness is on: pass the meta set (x_meta, y_meta) or the class-wise errors")
+            result = classwise_accuracy(self.model, x_meta, y_meta, cfg.num_classes, eps=cfg.fairness_eval_eps,
+                                        steps=cfg.fairness_eval_steps, alpha=cfg.alpha, batch_size=batch_size,
+                                        amp_dtype=self.amp_dtype, generator=self.generator)
+            classwise_nat_err, classwise_bdy_err = result.nat_err, result.bdy_err
+            out.update(result.summary())
+        self.fairness.update(classwise_nat_err, classwise_bdy_err)
         return out
 
     def state_dict(self) -> dict:

@@ -8,6 +8,12 @@ skipped; any other run is started with --resume, so an interrupted grid (Ctrl-C,
 session) picks up inside the run it was in. Seeds are the outer loop: a grid stopped half-way has
 whole seeds of every cell. Checkpoints of finished runs are deleted unless --keep-checkpoints (the
 results are final.json, metrics.csv, config.json and train.log). Exit status 1 when a run failed.
+
+A method is a list of CLI arguments, or {"args": [...], "scenarios": [...], "init_from": NAME}:
+"scenarios" limits it to those scenarios; "init_from" makes it a hot start, fine-tuned from the
+final weights of method NAME's run of the same scenario and seed (a shared pretraining stage,
+listed before it; its checkpoint is kept). Runs of one (scenario, seed) never depend on another,
+so `--seeds S --scenarios C` splits a grid across runners.
 """
 from __future__ import annotations
 
@@ -33,6 +39,20 @@ def load_grid(path: str) -> dict:
     for key, kind in (("out", str), ("seeds", list), ("common", list), ("scenarios", dict), ("methods", dict)):
         if not isinstance(grid.get(key), kind):
             raise SystemExit(f"error: grid config {path}: '{key}' must be a {kind.__name__}")
+    names = list(grid["methods"])
+    for name, spec in grid["methods"].items():
+        if isinstance(spec, list):
+            continue
+        if not isinstance(spec, dict) or not isinstance(spec.get("args"), list):
+            raise SystemExit(f"error: grid config {path}: method {name!r} must be a list of arguments or a dict "
+                             "with 'args'")
+        unknown = set(spec.get("scenarios") or []) - set(grid["scenarios"])
+        if unknown:
+            raise SystemExit(f"error: grid config {path}: method {name!r} names unknown scenarios {sorted(unknown)}")
+        source = spec.get("init_from")
+        if source is not None and (source not in names or names.index(source) > names.index(name)):
+            raise SystemExit(f"error: grid config {path}: method {name!r} starts from {source!r}, which must be "
+                             "a method listed before it")
     return grid
 
 
@@ -40,9 +60,31 @@ def run_dir(grid: dict, scenario: str, method: str, seed: int) -> str:
     return os.path.join(grid["out"], scenario, method, f"seed{seed}")
 
 
+def method_spec(grid: dict, method: str) -> dict:
+    """{"args": [...], "scenarios": [...] or None, "init_from": NAME or None} of a method entry."""
+    spec = grid["methods"][method]
+    if isinstance(spec, list):
+        return {"args": spec, "scenarios": None, "init_from": None}
+    return {"args": spec["args"], "scenarios": spec.get("scenarios"), "init_from": spec.get("init_from")}
+
+
+def runs_in(grid: dict, scenario: str, method: str) -> bool:
+    scenarios = method_spec(grid, method)["scenarios"]
+    return scenarios is None or scenario in scenarios
+
+
+def init_sources(grid: dict) -> set[str]:
+    """The methods whose final weights another method starts from."""
+    return {method_spec(grid, m)["init_from"] for m in grid["methods"]} - {None}
+
+
 def command(grid: dict, scenario: str, method: str, seed: int) -> list[str]:
+    spec = method_spec(grid, method)
+    init = []
+    if spec["init_from"] is not None:
+        init = ["--init", os.path.join(run_dir(grid, scenario, spec["init_from"], seed), "checkpoint.pt")]
     return [sys.executable, "-m", "aaa_fast.train", *grid["common"], *grid["scenarios"][scenario],
-            *grid["methods"][method], "--seed", str(seed), "--out", run_dir(grid, scenario, method, seed),
+            *spec["args"], *init, "--seed", str(seed), "--out", run_dir(grid, scenario, method, seed),
             "--resume", "--progress", "lines"]
 
 
@@ -111,14 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = select(args.scenarios, grid["scenarios"], "scenarios")
     methods = select(args.methods, grid["methods"], "methods")
 
-    cells = [(seed, sc, m) for seed in seeds for sc in scenarios for m in methods]
+    cells = [(seed, sc, m) for seed in seeds for sc in scenarios for m in methods if runs_in(grid, sc, m)]
     todo = [c for c in cells if not finished(grid, *c)]
+    keep = init_sources(grid)
     print(f"grid {args.config}: {len(cells)} runs, {len(cells) - len(todo)} finished, {len(todo)} to run", flush=True)
     failed = []
     for i, (seed, scenario, method) in enumerate(todo, 1):
         cmd, out = command(grid, scenario, method, seed), run_dir(grid, scenario, method, seed)
         if args.dry_run:
             print(" ".join(cmd))
+            continue
+        source = method_spec(grid, method)["init_from"]
+        if source is not None and not finished(grid, seed, scenario, source):
+            failed.append(out)
+            print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: SKIPPED, its start {source} did not finish",
+                  flush=True)
             continue
         os.makedirs(out, exist_ok=True)
         t0 = time.time()
@@ -136,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(out, "run.json"), "w") as f:
                 json.dump({"command": cmd[1:], "seconds": round(seconds, 1)}, f, indent=2)
             if not args.keep_checkpoints:
-                for name in CHECKPOINTS:
+                for name in CHECKPOINTS if method not in keep else CHECKPOINTS[1:]:
                     if os.path.exists(os.path.join(out, name)):
                         os.remove(os.path.join(out, name))
             with open(os.path.join(out, "final.json")) as f:

@@ -106,3 +106,69 @@ def test_existing_run_needs_resume_and_matching_config(tmp_path, data_dir):
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads(open(os.path.join(out, "eval.json")).read())["clean_acc"] == pytest.approx(
         json.loads(open(os.path.join(out, "final.json")).read())["clean_acc"])
+
+
+def test_meta_net_seed_differs_per_scenario_and_seed():
+    from aaa_fast.data import build_scenario
+    from aaa_fast.data.datasets import Dataset
+    from aaa_fast.train import meta_net_seed
+
+    import torch
+    x = torch.zeros(200, 1, 4, 4, dtype=torch.uint8)
+    y = torch.arange(200) % 10
+    data = Dataset("fashion-mnist", x, y, x[:20], y[:20], 10)
+    seeds = {}
+    for seed in (0, 1):
+        for noise, rate in (("none", 0.0), ("uniform", 0.4), ("flip2", 0.2)):
+            info = build_scenario(data, num_meta=50, noise=noise, noise_rate=rate, seed=seed).info
+            seeds[seed, noise] = meta_net_seed(info)
+            assert meta_net_seed(dict(reversed(list(info.items())))) == seeds[seed, noise]  # order-free
+    assert len(set(seeds.values())) == len(seeds)
+
+
+def test_diagnostics_columns_match_hand_counts(tmp_path, data_dir):
+    """aaa-oracle on a tiny noisy long-tailed run: every corrupted row is anti, every clean row
+    is not, so the shares are known from the scenario itself."""
+    import torch
+
+    from aaa_fast.data import build_scenario, load_dataset
+    from aaa_fast.diagnostics import tail_classes
+
+    out = tmp_path / "oracle"
+    flags = ["--label-noise", "uniform", "--noise-rate", "0.4", "--imbalance-factor", "2"]
+    run_cli([*QUICK, "--data-dir", data_dir, "--method", "aaa-oracle", *flags, "--batch-size", "500",
+             "--out", str(out)])
+    scenario = build_scenario(load_dataset("fashion-mnist", data_dir), num_meta=50, imbalance_factor=2.0,
+                              noise="uniform", noise_rate=0.4, seed=0)
+    corrupted = scenario.train_y != scenario.train_y_clean
+    tail = tail_classes(torch.bincount(scenario.train_y_clean, minlength=10))[scenario.train_y_clean]
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    for row in rows:  # one batch per epoch holds every row
+        assert float(row["frac_anti"]) == pytest.approx(corrupted.float().mean().item(), rel=1e-6)
+        assert float(row["anti_share_corrupted"]) == 1.0 and float(row["anti_share_clean"]) == 0.0
+        assert float(row["anti_auroc_corrupted"]) == 1.0 and float(row["grad_band"]) == 0.0
+        assert float(row["anti_share_tail"]) == pytest.approx(corrupted[tail].float().mean().item(), rel=1e-6)
+        assert float(row["anti_share_head"]) == pytest.approx(corrupted[~tail].float().mean().item(), rel=1e-6)
+        assert row["meta_grad_norm"] == ""
+    final = json.loads((out / "final.json").read_text())
+    assert final["diagnostics"]["anti_share_corrupted"] == 1.0
+    assert final["diagnostics"]["frac_anti"] == pytest.approx(float(rows[-1]["frac_anti"]))
+
+
+def test_aaa_writes_the_learning_signal(tmp_path, data_dir):
+    out = tmp_path / "aaa"
+    run_cli([*QUICK, "--data-dir", data_dir, "--method", "aaa", "--label-noise", "flip2", "--noise-rate", "0.2",
+             "--out", str(out)])
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    for row in rows:
+        assert float(row["meta_grad_norm"]) > 0
+        assert 0 <= float(row["grad_band"]) <= 1 and 0 <= float(row["anti_auroc_corrupted"]) <= 1
+        assert row["anti_share_tail"] == ""  # a balanced training set has no tail
+    config = json.loads((out / "config.json").read_text())
+    assert config["temperature"] == 0.05 and config["anti_cap"] == 0.5 and config["meta_init"] == "trades"
+
+
+def test_oracle_needs_label_noise(tmp_path, data_dir):
+    res = run_cli([*QUICK, "--data-dir", data_dir, "--method", "aaa-oracle", "--out", str(tmp_path / "o")],
+                  check=False)
+    assert res.returncode != 0 and "needs --label-noise" in res.stderr

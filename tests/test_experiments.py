@@ -149,6 +149,58 @@ def test_grid_rejects_bad_configs_and_names(tmp_path, data_dir):
     assert "cannot read grid config" in run_grid(str(tmp_path / "broken.json")).stderr
 
 
+def test_hot_start_stage_is_shared_and_methods_can_be_limited_to_scenarios(tmp_path, data_dir):
+    """A pretraining stage runs once per (scenario, seed) and keeps its checkpoint; the hot-start
+    method fine-tunes from exactly those weights; a method limited to one scenario runs only there."""
+    import torch
+
+    from aaa_fast.checkpoint import load_checkpoint
+
+    methods = {"Pre": ["--method", "trades", "--lam", "6"],
+               "Hot": {"args": ["--method", "frl", "--lr", "0.01"], "init_from": "Pre"},
+               "Oracle": {"args": ["--method", "aaa-oracle"], "scenarios": ["flip"]}}
+    config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir, methods)
+    grid = json.loads(open(config).read())
+    grid["seeds"] = [0]
+    grid["scenarios"]["clean"] = []
+    open(config, "w").write(json.dumps(grid))
+    res = run_grid(config)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "5 to run" in res.stdout  # Pre and Hot in both scenarios, Oracle in flip only
+    assert not (tmp_path / "res" / "clean" / "Oracle").exists()
+    for scenario in ("flip", "clean"):
+        pre = tmp_path / "res" / scenario / "Pre" / "seed0"
+        assert (pre / "checkpoint.pt").exists() and not (pre / "best.pt").exists()
+        hot = tmp_path / "res" / scenario / "Hot" / "seed0"
+        command = json.loads((hot / "run.json").read_text())["command"]
+        assert command[command.index("--init") + 1] == str(pre / "checkpoint.pt")
+        assert not (hot / "checkpoint.pt").exists()
+    # the fine-tune really started from the stage's weights: 0 epochs of training would give them back
+    from aaa_fast.train import build_parser, train
+
+    args = build_parser().parse_args([*grid["common"], *grid["scenarios"]["flip"], "--method", "frl", "--epochs", "1",
+                                      "--lr", "1e-12", "--momentum", "0", "--weight-decay", "0", "--init",
+                                      str(tmp_path / "res" / "flip" / "Pre" / "seed0" / "checkpoint.pt"),
+                                      "--out", str(tmp_path / "tiny-lr"), "--progress", "lines"])
+    train(args)
+    start = load_checkpoint(str(tmp_path / "res" / "flip" / "Pre" / "seed0" / "checkpoint.pt"))["trainer"]["model"]
+    after = load_checkpoint(str(tmp_path / "tiny-lr" / "checkpoint.pt"))["trainer"]["model"]
+    for key, value in start.items():
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(after[key], value, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("methods, message", [
+    ({"A": {"args": ["--method", "erm"], "init_from": "B"}, "B": ["--method", "erm"]}, "must be a method listed before"),
+    ({"A": {"args": ["--method", "erm"], "scenarios": ["nope"]}}, "unknown scenarios ['nope']"),
+    ({"A": {"method": "erm"}}, "must be a list of arguments or a dict with 'args'"),
+])
+def test_grid_rejects_bad_method_entries(tmp_path, data_dir, methods, message):
+    config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir, methods)
+    res = run_grid(config, "--dry-run")
+    assert res.returncode != 0 and message in res.stderr
+
+
 def fake_final(nat, bdy, classwise_pgd):
     """A final.json with the fields the report reads; robust error = natural + boundary."""
     return {"avg_nat_err": nat[0], "worst_nat_err": nat[1], "avg_bdy_err": bdy[0], "worst_bdy_err": bdy[1],
@@ -235,6 +287,10 @@ def test_committed_grid_configs_give_valid_training_commands(config):
     assert len(grid["seeds"]) >= 1 and len(set(grid["seeds"])) == len(grid["seeds"])
     for scenario in grid["scenarios"]:
         for method in grid["methods"]:
+            if not grid_mod.runs_in(grid, scenario, method):
+                continue
             cmd = grid_mod.command(grid, scenario, method, grid["seeds"][0])
             args = resolve_defaults(build_parser().parse_args(cmd[3:]))  # after python -m aaa_fast.train
-            assert args.method == grid["methods"][method][1] and args.out.endswith(f"{method}/seed{grid['seeds'][0]}")
+            spec = grid_mod.method_spec(grid, method)
+            assert args.method == spec["args"][spec["args"].index("--method") + 1]
+            assert args.out.endswith(f"{method}/seed{grid['seeds'][0]}")

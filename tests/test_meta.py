@@ -159,3 +159,56 @@ def test_virtual_step_rejects_other_optimizers():
     model = nn.Linear(2, 2)
     with pytest.raises(TypeError, match="torch.optim.SGD"):
         virtual_sgd_step(dict(model.named_parameters()), {}, torch.optim.Adam(model.parameters()), {})
+
+
+def untrained_cnn_features(seed, n=64, classes=10):
+    """The meta-network's inputs at the start of training: an untrained small CNN on random images."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = build_model("small-cnn", num_classes=classes, in_channels=1)
+    y = torch.arange(n) % classes
+    with torch.no_grad():
+        return sample_features(model(torch.rand(n, 1, 28, 28, generator=g)), y, torch.full((classes,), 5.0),
+                               torch.full((classes,), 1 / classes))
+
+
+def test_trades_init_starts_every_row_on_the_trades_side_inside_the_gradient_band():
+    for seed in range(5):
+        torch.manual_seed(100 + seed)
+        a, b, _ = MetaNet().train()(untrained_cnn_features(seed))  # defaults: init "trades", T = 0.05
+        assert (a > 0.7).all() and (a < 0.98).all(), (a.min(), a.max())
+        assert (a * (1 - a) > 1e-2).all()  # far inside the band: every row gets a meta-gradient
+        assert a.std() > 1e-3  # rows differ, so the meta step can tell them apart
+        torch.testing.assert_close(a + b, torch.ones_like(a))
+
+
+def test_reference_init_at_t_0001_is_a_saturated_coin_toss():
+    """Documents the reference's start (docs/METHOD.md): at T = 0.001 the first anti share is a
+    per-seed draw and few rows are inside the softmax's gradient band."""
+    shares, in_band = [], []
+    for seed in range(10):
+        torch.manual_seed(100 + seed)
+        a, b, _ = MetaNet(init="reference", temperature=1e-3).train()(untrained_cnn_features(seed))
+        shares.append(float((b > a).double().mean()))
+        in_band.append(float((a * (1 - a) > 1e-6).double().mean()))
+    assert max(shares) - min(shares) > 0.5, shares
+    assert max(in_band) < 0.3 and min(in_band) == 0.0, in_band
+
+
+def test_metanet_rejects_bad_init_arguments():
+    with pytest.raises(ValueError, match="init must be one of"):
+        MetaNet(init="zeros")
+    with pytest.raises(ValueError, match="start_a must be in"):
+        MetaNet(start_a=1.0)
+
+
+def test_one_row_batch_uses_running_statistics():
+    """BatchNorm1d cannot normalise one row by its own statistics: the meta-network then uses its
+    running ones (a last batch of one row must not stop an epoch)."""
+    net = MetaNet().train()
+    features = untrained_cnn_features(0, n=8)
+    net(features)  # some running statistics
+    a_one, _, _ = net(features[:1])
+    assert net.training
+    a_eval, _, _ = net.eval()(features[:1])
+    torch.testing.assert_close(a_one, a_eval)

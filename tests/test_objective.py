@@ -32,6 +32,24 @@ def test_three_terms_against_hand_computation():
     torch.testing.assert_close(terms.per_sample_ce, torch.tensor([LN2, LN2, math.log(4 / 3)], dtype=torch.float64))
 
 
+def test_kl_all_objective_weights_the_kl_term_by_one():
+    """The same rows as above; with a_boundary = 1 every row's KL counts (only row 3 has a
+    non-zero KL here, and now with weight 1 instead of a_3 = 0.5), the other terms unchanged."""
+    y = torch.tensor([0, 1, 0])
+    nat = torch.tensor([[0.0, 0.0], [0.0, 0.0], [LN3, 0.0]], dtype=torch.float64)
+    adv = torch.zeros(3, 2, dtype=torch.float64)
+    anti = torch.tensor([[LN3, 0.0], [0.0, 0.0], [0.0, LN3]], dtype=torch.float64)
+    a = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    b = 1 - a
+    v = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    paper = weighted_objective(y, nat, a=a, adv_logits=adv, v=v, lam=1.5, anti_logits=anti, b=b)
+    kl_all = weighted_objective(y, nat, a=a, adv_logits=adv, v=v, lam=1.5, anti_logits=anti, b=b, a_boundary=1.0)
+    kl_row3 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kl_all.boundary.item() == pytest.approx(1 * 1 * kl_row3 / 5, rel=1e-12)
+    assert kl_all.boundary.item() == pytest.approx(2 * paper.boundary.item(), rel=1e-12)
+    assert kl_all.natural.item() == paper.natural.item() and kl_all.anti.item() == paper.anti.item()
+
+
 def test_baselines_are_special_cases():
     torch.manual_seed(0)
     y = torch.randint(0, 4, (6,))

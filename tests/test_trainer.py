@@ -8,6 +8,8 @@ from torch import nn
 
 import aaa_fast
 from aaa_fast import AAAConfig, AAATrainer, MetaNet
+from aaa_fast.objective import sample_features
+from aaa_fast.trainer import make_meta_net
 from aaa_fast.models import build_model
 
 
@@ -30,11 +32,10 @@ def toy_problem(n=32, classes=4, seed=0):
 def make_trainer(method="aaa", seed=0, classes=4, meta_net=None, **cfg):
     model = small_cnn(seed, classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    if method == "aaa" and meta_net is None:
-        torch.manual_seed(seed + 100)
-        meta_net = MetaNet(temperature=cfg.pop("temperature", 1e-3), bound_head=cfg.get("bound_mode") == "meta")
-    meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-3, weight_decay=5e-4) if meta_net is not None else None
     config = AAAConfig(method=method, num_classes=classes, steps=cfg.pop("steps", 3), **cfg)
+    if method == "aaa" and meta_net is None:
+        meta_net = make_meta_net(config, seed=seed + 100)
+    meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-3, weight_decay=5e-4) if meta_net is not None else None
     return AAATrainer(model, opt, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
 
 
@@ -146,7 +147,7 @@ def test_zero_meta_head_reduces_exactly_to_fixed_half_weights():
 
 def test_large_temperature_approaches_fixed_half_weights():
     x, y = toy_problem(16)
-    aaa = make_trainer("aaa", temperature=1e6, meta_every=10**9)
+    aaa = make_trainer("aaa", meta_init="reference", temperature=1e6, meta_every=10**9)
     fixed = make_trainer("aaa-fixed", fixed_weights=(0.5, 0.5))
     sa, sf = aaa.step(x, y), fixed.step(x, y)
     assert sa["loss"] == pytest.approx(sf["loss"], rel=1e-5)
@@ -245,3 +246,104 @@ def test_nonfinite_gradient_with_finite_loss_is_caught():
     with pytest.raises(FloatingPointError, match="non-finite training gradient at iteration 0"):
         trainer.step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def noisy_toy(n=32, rate=0.4, seed=0):
+    x, y = toy_problem(n)
+    g = torch.Generator().manual_seed(seed)
+    hit = torch.rand(n, generator=g) < rate
+    noisy = y.clone()
+    noisy[hit] = (y[hit] + 1 + torch.randint(0, 3, (int(hit.sum()),), generator=g)) % 4  # always another class
+    return x, noisy, noisy != y
+
+
+def test_first_meta_step_moves_the_trades_init():
+    """From the default (trades) start the meta-gradient is non-zero on the very first meta step
+    and that step changes every row's weights; from the reference start at T = 0.001 it is
+    (numerically) zero for most seeds (docs/METHOD.md, "How the meta-network starts")."""
+    x, y = toy_problem(32)
+    x_meta, y_meta = toy_problem(16, seed=1)
+    trainer = make_trainer("aaa", meta_every=1)
+    features = sample_features(trainer._clean_logits(*trainer._inputs(x, y)), y, trainer.class_loss_avg,
+                               trainer.class_share)
+    with torch.no_grad():
+        a_before, _, _ = trainer.meta_net.train()(features)
+    stats = trainer.step(x, y, x_meta, y_meta)
+    assert stats["meta_step"] and stats["meta_grad_norm"] > 1e-3
+    a_after = trainer.last_choice[0]
+    assert ((a_after - a_before).abs() > 1e-4).all()
+    assert stats["grad_band"] == 1.0
+    stuck = []
+    for seed in range(6):
+        reference = make_trainer("aaa", seed=seed, meta_every=1, meta_init="reference")
+        stuck.append(reference.step(x, y, x_meta, y_meta)["meta_grad_norm"] < 1e-12)
+    assert sum(stuck) >= 3, stuck
+
+
+def test_collapse_guard_adds_the_gradient_of_the_excess_anti_share():
+    """With the batch's mean b above anti_cap, the meta-gradient is the unguarded one plus the
+    gradient of mean(b) - anti_cap, computed here directly on a copy of the meta-network."""
+    x, y = toy_problem(32)
+    x_meta, y_meta = toy_problem(16, seed=1)
+    grads = {}
+    for cap in (1.0, 0.5):
+        torch.manual_seed(3)
+        meta_net = MetaNet(start_a=0.1)  # every row starts on the anti side: mean b ~ 0.9
+        trainer = make_trainer("aaa", meta_net=meta_net, meta_every=1, anti_cap=cap)
+        if cap == 0.5:
+            features = sample_features(trainer._clean_logits(*trainer._inputs(x, y)), y, trainer.class_loss_avg,
+                                       trainer.class_share)
+            twin = copy.deepcopy(meta_net).train()
+            _, b, _ = twin(features)
+            assert b.mean() > 0.5
+            expected = torch.autograd.grad(b.mean(), list(twin.parameters()))
+        trainer.step(x, y, x_meta, y_meta)
+        grads[cap] = [p.grad.clone() for p in meta_net.parameters()]
+    for off, on, guard in zip(grads[1.0], grads[0.5], expected):
+        torch.testing.assert_close(on - off, guard, atol=1e-6, rtol=1e-4)
+
+
+def test_collapse_guard_brings_an_all_anti_start_below_the_cap():
+    """A tiny noisy run that starts with every row anti-adversarial does not stay there."""
+    x, y, _ = noisy_toy()
+    x_meta, y_meta = toy_problem(16, seed=1)
+    torch.manual_seed(3)
+    trainer = make_trainer("aaa", meta_net=MetaNet(start_a=0.05), meta_every=1, anti_cap=0.5)
+    shares = [trainer.step(x, y, x_meta, y_meta)["frac_anti"] for _ in range(8)]
+    assert shares[0] == 1.0 and shares[-1] <= 0.5, shares
+
+
+def test_oracle_sends_corrupted_rows_to_the_anti_term():
+    x, y, corrupted = noisy_toy()
+    oracle = make_trainer("aaa-oracle", eps=0.05)
+    stats = oracle.step(x, y, corrupted=corrupted)
+    a, b = oracle.last_choice
+    assert torch.equal(b, corrupted.float()) and torch.equal(a, 1 - corrupted.float())
+    assert stats["frac_anti"] == pytest.approx(corrupted.float().mean().item()) and stats["grad_band"] == 0
+    with pytest.raises(ValueError, match="needs corrupted="):
+        oracle.step(x, y)
+    with pytest.raises(ValueError, match="needs corrupted="):
+        oracle.step(x, y, corrupted=corrupted[:5])
+
+
+@pytest.mark.parametrize("objective", ["paper", "kl-all"])
+def test_all_anti_rows_keep_the_kl_term_only_under_kl_all(objective):
+    """Every row corrupted: a = 0, b = 1. The paper's objective then has no natural and no KL
+    term; kl-all keeps the KL term (it needs no label) for every row."""
+    x, y, _ = noisy_toy()
+    oracle = make_trainer("aaa-oracle", eps=0.05, objective=objective)
+    stats = oracle.step(x, y, corrupted=torch.ones_like(y, dtype=torch.bool))
+    assert stats["natural"] == 0 and stats["anti"] > 0
+    assert (stats["boundary"] > 0) == (objective == "kl-all")
+    assert stats["loss"] == pytest.approx(stats["anti"] + oracle.config.lam * stats["boundary"], rel=1e-6)
+
+
+def test_meta_net_start_depends_on_the_seed_it_is_given():
+    config = AAAConfig(method="aaa", num_classes=4)
+    same = [make_meta_net(config, seed=7).state_dict() for _ in range(2)]
+    other = make_meta_net(config, seed=8).state_dict()
+    state = torch.get_rng_state()
+    make_meta_net(config, seed=9)
+    assert torch.equal(state, torch.get_rng_state())  # the global random state is left alone
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+    assert not torch.equal(same[0]["net.1.weight"], other["net.1.weight"])

@@ -1,0 +1,95 @@
+"""What the meta-network chose, per epoch: the learning signal and the mechanism.
+
+Learning signal: the anti-adversarial share (rows with b_i > a_i), the share of rows inside the
+softmax's gradient band (a_i(1 - a_i) > 1e-3, so a meta step can still move them) and the
+meta-gradient's norm. Mechanism (docs/METHOD.md, "Idea"): whether corrupted-label rows and
+tail-class rows go to the anti term more often than clean and head-class rows, and how well b_i
+ranks the corrupted rows (AUROC; 0.5 is chance).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# metrics.csv columns this module fills (blank where a scenario has no such group)
+GROUP_FIELDS = ["anti_share_corrupted", "anti_share_clean", "anti_share_tail", "anti_share_head", "anti_auroc_corrupted"]
+
+
+def auroc(scores: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve of `scores` for the rows where `positive` is True: the chance
+    that a random positive scores above a random negative, ties counting half
+    (Mann-Whitney U with mid-ranks). NaN when either class is empty."""
+    scores, positive = scores.double().flatten(), positive.bool().flatten()
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = scores.argsort()
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    # mid-ranks for ties: every member of a run of equal scores gets the run's mean rank
+    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    if unique.numel() < scores.numel():
+        sums = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, ranks[order])
+        ranks[order] = (sums / counts)[inverse]
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+class ChoiceDiagnostics:
+    """Accumulates the rows' (a, b) over an epoch, with each row's group membership.
+
+    corrupted: (N_train,) bool, True where the training label differs from the true one (None
+    when the scenario has no label noise); tail_class: (C,) bool, True for tail classes (None for
+    a balanced training set). `add` takes the batch's dataset indices and true classes."""
+
+    def __init__(self, corrupted: Tensor | None, tail_class: Tensor | None):
+        self.corrupted = corrupted.cpu() if corrupted is not None and bool(corrupted.any()) else None
+        self.tail_class = tail_class.cpu() if tail_class is not None else None
+        self.reset()
+
+    def reset(self) -> None:
+        self._b, self._anti, self._index = [], [], []
+
+    def state_dict(self) -> dict:
+        return {"index": list(self._index), "b": list(self._b), "anti": list(self._anti)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._index, self._b, self._anti = list(state["index"]), list(state["b"]), list(state["anti"])
+
+    def add(self, index: Tensor, a: Tensor, b: Tensor) -> None:
+        self._index.append(index.detach().cpu())
+        self._b.append(b.detach().float().cpu())
+        self._anti.append((b > a).detach().cpu())
+
+    def summary(self, true_labels: Tensor) -> dict:
+        """{field: value} for GROUP_FIELDS ('' where the group does not exist or saw no row)."""
+        out = dict.fromkeys(GROUP_FIELDS, "")
+        if not self._index:
+            return out
+        index, b, anti = torch.cat(self._index), torch.cat(self._b), torch.cat(self._anti).float()
+
+        def share(mask: Tensor):
+            return float(anti[mask].mean()) if bool(mask.any()) else ""
+
+        if self.corrupted is not None:
+            bad = self.corrupted[index]
+            out["anti_share_corrupted"], out["anti_share_clean"] = share(bad), share(~bad)
+            value = auroc(b, bad)
+            out["anti_auroc_corrupted"] = "" if math.isnan(value) else value
+        if self.tail_class is not None:
+            tail = self.tail_class[true_labels.cpu()[index]]
+            out["anti_share_tail"], out["anti_share_head"] = share(tail), share(~tail)
+        return out
+
+
+def tail_classes(true_counts: Tensor) -> Tensor | None:
+    """The floor(C/2) classes with the fewest training samples (None when all are equal)."""
+    if true_counts.max() == true_counts.min():
+        return None
+    tail = torch.zeros(true_counts.numel(), dtype=torch.bool)
+    tail[true_counts.cpu().argsort(stable=True)[:true_counts.numel() // 2]] = True
+    return tail
