@@ -49,7 +49,7 @@ class AAAConfig:
     norm: str = "linf"
     bound_mode: str | None = None    # fixed | remargin | meta; default: remargin for frl/aaa*, else fixed
     fairness: bool | None = None     # FRL multipliers; default: on for frl and aaa*, off otherwise
-    objective: str = "paper"         # paper | kl-all (a_i weights the natural CE only; KL for every row)
+    objective: str = "kl-all"        # kl-all (extension: KL term for every row) | paper
     meta_init: str = "trades"        # trades (learnable start on the TRADES side) | reference (authors' code)
     temperature: float | None = None  # T of the meta-net's softmax; default 0.05 (trades init), 1e-3 (reference)
     anti_cap: float | None = None    # collapse guard: the meta objective pays mean_i b_i - anti_cap when

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-from grid import load_grid, run_dir
+from grid import load_grid, run_dir, runs_in
 
 METRICS = [("avg_nat_err", "avg nat"), ("worst_nat_err", "worst nat"), ("avg_bdy_err", "avg bdy"),
            ("worst_bdy_err", "worst bdy"), ("avg_rob_err", "avg rob"), ("worst_rob_err", "worst rob")]
@@ -31,12 +31,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def collect(grid: dict) -> dict:
-    """{(scenario, method): [final.json of each finished seed, with its first and last
-    metrics.csv rows under 'first_epoch' / 'last_epoch' and the runner's wall time under 'seconds']}"""
+    """{(scenario, method): [final.json of each finished seed, with its metrics.csv rows under
+    'epochs' (the first and last also as 'first_epoch' / 'last_epoch'), the runner's wall time
+    under 'seconds' and the training device under 'device']}"""
     runs = {}
     for scenario in grid["scenarios"]:
         for method in grid["methods"]:
             finals = []
+            if not runs_in(grid, scenario, method):
+                continue
             for seed in grid["seeds"]:
                 out = run_dir(grid, scenario, method, seed)
                 if os.path.exists(os.path.join(out, "final.json")):
@@ -45,10 +48,14 @@ def collect(grid: dict) -> dict:
                     if os.path.exists(os.path.join(out, "run.json")):
                         with open(os.path.join(out, "run.json")) as f:
                             finals[-1]["seconds"] = json.load(f)["seconds"]
+                    if os.path.exists(os.path.join(out, "config.json")):
+                        with open(os.path.join(out, "config.json")) as f:
+                            finals[-1]["device"] = json.load(f).get("device", "?").split(":")[0]
                     metrics = os.path.join(out, "metrics.csv")
                     if os.path.exists(metrics):
                         with open(metrics, newline="") as f:
                             epochs = list(csv.DictReader(f))
+                        finals[-1]["epochs"] = epochs
                         finals[-1]["first_epoch"], finals[-1]["last_epoch"] = epochs[0], epochs[-1]
             runs[scenario, method] = finals
     return runs
@@ -64,8 +71,14 @@ def aggregate(runs: dict) -> dict:
     return agg
 
 
-def is_aaa(method: str) -> bool:
-    return method.upper().startswith("AAA")
+def roles(grid: dict) -> dict[str, list[str]]:
+    """Which methods are AAA variants, adversarial baselines and controls: the config's "report"
+    entry when it has one, else by name (AAA*: variants; ERM: neither; the rest: baselines)."""
+    given = grid.get("report", {})
+    methods = list(grid["methods"])
+    aaa = given.get("aaa", [m for m in methods if m.upper().startswith("AAA")])
+    baselines = given.get("baselines", [m for m in methods if m not in aaa and m.upper() != "ERM"])
+    return {"aaa": aaa, "baselines": baselines, "controls": given.get("controls", [])}
 
 
 def scenario_table(scenario: str, methods: list[str], agg: dict) -> list[str]:
@@ -83,16 +96,16 @@ def scenario_table(scenario: str, methods: list[str], agg: dict) -> list[str]:
     return lines
 
 
-def versus_table(scenarios: list[str], methods: list[str], agg: dict) -> list[str]:
-    """Best AAA variant minus best adversarial baseline (not ERM), per scenario and metric, with
-    the standard error of that difference; negative is better for AAA."""
+def versus_table(scenarios: list[str], candidates: list[str], baselines: list[str], agg: dict) -> list[str]:
+    """Best candidate (AAA variant, or control) minus best adversarial baseline, per scenario and
+    metric, with the standard error of that difference; negative is better for the candidate."""
     labels = dict(METRICS)
     lines = ["| scenario | " + " | ".join(labels[k] for k in HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
     for sc in scenarios:
         cells = []
         for k in HEADLINE:
-            aaa = [m for m in methods if is_aaa(m) and (sc, m) in agg]
-            base = [m for m in methods if not is_aaa(m) and m.upper() != "ERM" and (sc, m) in agg]
+            aaa = [m for m in candidates if (sc, m) in agg]
+            base = [m for m in baselines if (sc, m) in agg]
             if not aaa or not base:
                 cells.append("–")
                 continue
@@ -105,12 +118,11 @@ def versus_table(scenarios: list[str], methods: list[str], agg: dict) -> list[st
     return lines
 
 
-def aaa_diagnostics_table(scenarios: list[str], methods: list[str], runs: dict) -> list[str]:
+def aaa_diagnostics_table(scenarios: list[str], aaa: list[str], runs: dict) -> list[str]:
     """What the meta-network chose: the share of samples weighted more anti-adversarially than
     adversarially (b_i > a_i) in the first epoch (mean, and min-max over seeds: with a near-hard
     softmax the untrained meta-network's split is a per-seed draw) and in the last epoch, and the
     last epoch's mean bound eps_i."""
-    aaa = [m for m in methods if is_aaa(m)]
     lines = ["| scenario | " + " | ".join(aaa) + " |", "|---|" + "---|" * len(aaa)]
     for sc in scenarios:
         cells = []
@@ -128,27 +140,69 @@ def aaa_diagnostics_table(scenarios: list[str], methods: list[str], runs: dict) 
     return lines
 
 
+MECHANISM = [("anti_share_corrupted", "anti share, corrupted rows"), ("anti_share_clean", "clean rows"),
+             ("anti_auroc_corrupted", "AUROC of b for corrupted"), ("anti_share_tail", "tail classes"),
+             ("anti_share_head", "head classes"), ("grad_band", "rows in gradient band")]
+
+
+def mechanism_table(scenarios: list[str], methods: list[str], runs: dict) -> list[str]:
+    """Last-epoch mechanism diagnostics, mean over seeds (blank where a scenario has no such group)."""
+    lines = ["| scenario | method | " + " | ".join(label for _, label in MECHANISM) + " |",
+             "|---|---|" + "---|" * len(MECHANISM)]
+    for sc in scenarios:
+        for m in methods:
+            finals = [f for f in runs.get((sc, m), []) if "last_epoch" in f and "grad_band" in f["last_epoch"]]
+            if not finals:
+                continue
+            cells = []
+            for key, _ in MECHANISM:
+                values = [float(f["last_epoch"][key]) for f in finals if f["last_epoch"].get(key, "") != ""]
+                cells.append(f"{sum(values) / len(values):.2f}" if values else "–")
+            if any(c != "–" for c in cells[:-1]):
+                lines.append(f"| {sc} | {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(grid: dict, runs: dict, agg: dict) -> dict[str, str]:
     """The report's sections by marker suffix: '' the whole report, ':headline' its first table."""
     scenarios, methods = list(grid["scenarios"]), list(grid["methods"])
+    role = roles(grid)
     n_runs = sum(v["avg_nat_err"][2] for v in agg.values())
-    total = len(scenarios) * len(methods) * len(grid["seeds"])
+    total = sum(runs_in(grid, sc, m) for sc in scenarios for m in methods) * len(grid["seeds"])
     minutes = sum(f.get("seconds", 0) for finals in runs.values() for f in finals) / 60
+    devices: dict[str, int] = {}
+    for finals in runs.values():
+        for f in finals:
+            if "device" in f:
+                devices[f["device"]] = devices.get(f["device"], 0) + 1
+    where = f" ({', '.join(f'{n} on {d}' for d, n in sorted(devices.items()))})" if devices else ""
+    base = ", ".join(role["baselines"])
     head = [f"Errors in % (lower is better), mean ± std over seeds. "
-            f"{n_runs} of {total} runs finished" + (f", {minutes:.0f} min of wall time in all." if minutes else "."),
-            "", "**Best AAA variant minus best adversarial baseline** (PGD-AT, TRADES, FRL; each picked per "
+            f"{n_runs} of {total} runs finished{where}" + (f", {minutes:.0f} min of runner wall time in all."
+                                                            if minutes else "."),
+            "", f"**Best AAA variant minus best adversarial baseline** ({base}; each picked per "
             "cell, so both sides get their best), ± the standard error of the difference; negative favours AAA:",
-            "", *versus_table(scenarios, methods, agg), ""]
-    out = [*head, "Per scenario (bold: best in the column):", ""]
+            "", *versus_table(scenarios, role["aaa"], role["baselines"], agg), ""]
+    out = [*head]
+    if role["controls"]:
+        out += ["**Controls minus best adversarial baseline** (the oracle's headroom: a perfect selector):", "",
+                *versus_table(scenarios, role["controls"], role["baselines"], agg), ""]
+    out += ["Per scenario (bold: best in the column):", ""]
     for sc in scenarios:
         if any((sc, m) in agg for m in methods):
             out += [f"**{sc}** ({' '.join(grid['scenarios'][sc]) or 'no label noise, balanced'})", "",
                     *scenario_table(sc, methods, agg), ""]
-    if any(is_aaa(m) for m in methods):
+    if role["aaa"]:
         out += ["**What the meta-network chose**: share of training samples with anti-adversarial weight b_i "
                 "above adversarial weight a_i in the first epoch (mean over seeds, min–max) → in the last epoch "
                 "(mean) / mean bound ε_i in the last epoch:", "",
-                *aaa_diagnostics_table(scenarios, methods, runs), ""]
+                *aaa_diagnostics_table(scenarios, role["aaa"], runs), ""]
+    mechanism = mechanism_table(scenarios, [*role["aaa"], *role["controls"]], runs)
+    if len(mechanism) > 2:
+        out += ["**Mechanism** (last epoch, mean over seeds): share of rows sent to the anti term (b_i > a_i) "
+                "among corrupted-label vs clean rows and tail vs head classes, how well b_i ranks the corrupted "
+                "rows (AUROC, 0.5 = chance), and the share of rows still inside the softmax's gradient band:", "",
+                *mechanism, ""]
     return {"": "\n".join(out).rstrip() + "\n", ":headline": "\n".join(head).rstrip() + "\n"}
 
 
@@ -190,6 +244,10 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
 
     scenarios = [sc for sc in grid["scenarios"] if any((sc, m) in agg for m in grid["methods"])]
     methods = list(grid["methods"])
+    role = roles(grid)
+
+    def is_aaa(m: str) -> bool:
+        return m in role["aaa"]
     cols = min(3, len(scenarios))
     rows = math.ceil(len(scenarios) / cols)
     os.makedirs(figures, exist_ok=True)
@@ -213,7 +271,7 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
 
     def classwise(ax, sc):
         for m in methods:
-            finals = runs[sc, m]
+            finals = runs.get((sc, m))
             if finals:
                 per_class = [100 - sum(f["classwise_pgd_acc"][c] for f in finals) / len(finals)
                              for c in range(len(finals[0]["classwise_pgd_acc"]))]
@@ -229,8 +287,24 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
                 ax.errorbar(cx, ry, xerr=sx, yerr=sy, fmt="o" if is_aaa(m) else "s", ms=5, capsize=2, label=m)
         ax.set(xlabel="natural accuracy (%)", ylabel="robust accuracy (%)")
 
-    return [figure("classwise_robust_error", "class-wise robust error (PGD), mean over seeds", classwise),
-            figure("natural_vs_robust", "natural vs robust accuracy, mean ± std over seeds", tradeoff)]
+    def mechanism(ax, sc):
+        """Anti share over epochs: corrupted vs clean rows (noise) or tail vs head classes (long tail)."""
+        for m in [*role["aaa"], *role["controls"]]:
+            finals = [f for f in runs.get((sc, m), []) if f.get("epochs") and "grad_band" in f["epochs"][0]]
+            for key, style in (("anti_share_corrupted", "-"), ("anti_share_clean", ":"), ("anti_share_tail", "-"),
+                               ("anti_share_head", ":")):
+                if finals and all(row.get(key, "") != "" for f in finals for row in f["epochs"]):
+                    epochs = range(1, len(finals[0]["epochs"]) + 1)
+                    mean = [sum(float(f["epochs"][e - 1][key]) for f in finals) / len(finals) for e in epochs]
+                    ax.plot(list(epochs), mean, ls=style, marker="o", ms=3, label=f"{m}: {key[11:]}")
+        ax.set(xlabel="epoch", ylabel="share sent to the anti term", ylim=(-0.02, 1.02))
+
+    paths = [figure("classwise_robust_error", "class-wise robust error (PGD), mean over seeds", classwise),
+             figure("natural_vs_robust", "natural vs robust accuracy, mean ± std over seeds", tradeoff)]
+    if any(f.get("epochs") and "grad_band" in f["epochs"][0] for finals in runs.values() for f in finals):
+        paths.append(figure("mechanism", "anti share by group (solid: corrupted / tail; dotted: clean / head), "
+                            "mean over seeds", mechanism))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

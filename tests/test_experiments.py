@@ -237,7 +237,7 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     assert report.main([finished_grid, "--markdown", str(doc), "--figures", str(tmp_path / "fig")]) == 0
     text = doc.read_text()
     assert text.startswith("# head\n<!-- grid:toy begin -->\n") and text.endswith("<!-- grid:toy end -->\ntail\n")
-    assert "old numbers" not in text and "18 of 24 runs finished, 6 min of wall time in all." in text
+    assert "old numbers" not in text and "18 of 24 runs finished, 6 min of runner wall time in all." in text
     lines = text.splitlines()
     # clean/TRADES: natural errors 20, 22, 24 -> 22.0 ± 2.0; boundary 20, 21, 22 -> 21.0 ± 1.0, the
     # best boundary error together with FRL and AAA-meta (ties are all bold)
@@ -262,6 +262,24 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     summary = (tmp_path / "res" / "toy" / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("scenario,method,seeds,avg_nat_err_mean,avg_nat_err_std")
     assert any(row.startswith("clean,TRADES,3,22.0000,2.0000,32.0000,2.0000,21.0000,1.0000") for row in summary)
+
+
+def test_report_roles_and_mechanism_table_by_hand():
+    grid = {"methods": {"TRADES": [], "AAA": [], "Oracle": [], "ERM": []},
+            "report": {"aaa": ["AAA"], "baselines": ["TRADES"], "controls": ["Oracle"]}}
+    assert report.roles(grid) == {"aaa": ["AAA"], "baselines": ["TRADES"], "controls": ["Oracle"]}
+    assert report.roles({"methods": grid["methods"]}) == {"aaa": ["AAA"], "baselines": ["TRADES", "Oracle"],
+                                                          "controls": []}
+
+    def last(corrupted, clean, auroc, band):
+        return {"last_epoch": {"anti_share_corrupted": corrupted, "anti_share_clean": clean,
+                               "anti_auroc_corrupted": auroc, "anti_share_tail": "", "anti_share_head": "",
+                               "grad_band": band}}
+
+    runs = {("noisy", "AAA"): [last("0.9", "0.1", "0.95", "0.8"), last("0.7", "0.3", "0.85", "0.6")],
+            ("clean", "AAA"): [last("", "", "", "1.0")]}
+    lines = report.mechanism_table(["noisy", "clean"], ["AAA", "Oracle"], runs)
+    assert lines[2:] == ["| noisy | AAA | 0.80 | 0.20 | 0.90 | – | – | 0.70 |"]  # clean: no group, no row
 
 
 def test_report_needs_markers_and_results(finished_grid, tmp_path):
