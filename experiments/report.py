@@ -248,20 +248,24 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
 
     def is_aaa(m: str) -> bool:
         return m in role["aaa"]
-    cols = min(3, len(scenarios))
-    rows = math.ceil(len(scenarios) / cols)
     os.makedirs(figures, exist_ok=True)
 
-    def figure(name: str, title: str, draw) -> str:
+    def figure(name: str, title: str, draw, panels: list[str] = scenarios) -> str:
         """One panel per scenario, drawn by draw(ax, scenario); returns the saved file."""
+        cols = min(3, len(panels))
+        rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-        for ax, sc in zip(axes.flat, scenarios):
+        for ax, sc in zip(axes.flat, panels):
             draw(ax, sc)
             ax.set_title(sc)
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(scenarios):]:
+        for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        for ax in axes.flat:  # one legend, on each panel with lines of its own (the methods differ)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+                if panels is scenarios:
+                    break
         fig.suptitle(title)
         fig.tight_layout()
         path = os.path.join(figures, f"{prefix}_{name}.png")
@@ -301,9 +305,12 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
 
     paths = [figure("classwise_robust_error", "class-wise robust error (PGD), mean over seeds", classwise),
              figure("natural_vs_robust", "natural vs robust accuracy, mean ± std over seeds", tradeoff)]
-    if any(f.get("epochs") and "grad_band" in f["epochs"][0] for finals in runs.values() for f in finals):
+    grouped = [sc for sc in scenarios if any(f.get("epochs") and f["epochs"][-1].get(key, "") != ""
+                                              for m in [*role["aaa"], *role["controls"]] for f in runs.get((sc, m), [])
+                                              for key in ("anti_share_corrupted", "anti_share_tail"))]
+    if grouped:
         paths.append(figure("mechanism", "anti share by group (solid: corrupted / tail; dotted: clean / head), "
-                            "mean over seeds", mechanism))
+                            "mean over seeds", mechanism, grouped))
     return paths
 
 
