@@ -55,22 +55,25 @@ class ChoiceDiagnostics:
         self._b, self._anti, self._index = [], [], []
 
     def state_dict(self) -> dict:
-        return {"index": list(self._index), "b": list(self._b), "anti": list(self._anti)}
+        return {"index": [t.cpu() for t in self._index], "b": [t.cpu() for t in self._b],
+                "anti": [t.cpu() for t in self._anti]}
 
     def load_state_dict(self, state: dict) -> None:
         self._index, self._b, self._anti = list(state["index"]), list(state["b"]), list(state["anti"])
 
     def add(self, index: Tensor, a: Tensor, b: Tensor) -> None:
-        self._index.append(index.detach().cpu())
-        self._b.append(b.detach().float().cpu())
-        self._anti.append((b > a).detach().cpu())
+        """Kept on the training device: no host copy per step, one per epoch in `summary`."""
+        self._index.append(index.detach())
+        self._b.append(b.detach().float())
+        self._anti.append((b > a).detach())
 
     def summary(self, true_labels: Tensor) -> dict:
         """{field: value} for GROUP_FIELDS ('' where the group does not exist or saw no row)."""
         out = dict.fromkeys(GROUP_FIELDS, "")
         if not self._index:
             return out
-        index, b, anti = torch.cat(self._index), torch.cat(self._b), torch.cat(self._anti).float()
+        index, b, anti = (torch.cat([t.cpu() for t in parts]) for parts in (self._index, self._b, self._anti))
+        anti = anti.float()
 
         def share(mask: Tensor):
             return float(anti[mask].mean()) if bool(mask.any()) else ""

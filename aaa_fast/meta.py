@@ -65,19 +65,16 @@ class MetaNet(nn.Module):
         return self.net[-1].out_features == 3
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        features = features.to(self.net[1].weight.dtype)
         if features.shape[0] == 1 and self.training:
             # BatchNorm1d cannot take batch statistics of one row: use the running ones
-            return self._eval_forward(features)
-        return self._heads(self.net(features.to(self.net[1].weight.dtype)))
-
-    def _eval_forward(self, features: Tensor):
-        self.eval()
-        try:
-            return self._heads(self.net(features.to(self.net[1].weight.dtype)))
-        finally:
-            self.train()
-
-    def _heads(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+            self.eval()
+            try:
+                out = self.net(features)
+            finally:
+                self.train()
+        else:
+            out = self.net(features)
         ab = torch.softmax(out[:, :2] / self.temperature, dim=1)
         s = None
         if self.bound_head:

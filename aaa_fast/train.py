@@ -33,7 +33,7 @@ from .meta import META_INITS
 from .models import ARCHS, build_model
 from .objective import OBJECTIVES
 from .runtime import keep_cpu_memory
-from .trainer import AMP, BOUND_MODES, META_INIT_DEFAULTS, METHODS, AAAConfig, AAATrainer, make_meta_net
+from .trainer import AMP, BOUND_MODES, METHODS, AAAConfig, AAATrainer, fill_meta_init_defaults, make_meta_net
 
 NOISE_ALIASES = {"sym": "uniform", "asym": "flip1"}
 # per-step statistics averaged over an epoch's steps (frac_anti: share of rows with b > a;
@@ -144,9 +144,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.eval_eps = 0.1 if fmnist else 8 / 255
     if args.lam is None:
         args.lam = 1.5 if args.method.startswith("aaa") else 6.0
-    for key, value in META_INIT_DEFAULTS[args.meta_init].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_meta_init_defaults(args)
     if args.download is None:
         args.download = not fmnist
     if args.label_noise == "none" and args.noise_rate > 0:

@@ -34,6 +34,14 @@ AAA_METHODS = ("aaa-fixed", "aaa", "aaa-oracle")  # the ones that build the adve
 META_INIT_DEFAULTS = {"trades": dict(temperature=0.05, anti_cap=0.5), "reference": dict(temperature=1e-3, anti_cap=1.0)}
 GRAD_BAND = 1e-3  # a row whose a(1 - a) is above this still gets a meta-gradient (diagnostics)
 BOUND_MODES = ("fixed", "remargin", "meta")
+
+
+def fill_meta_init_defaults(settings) -> None:
+    """Set `settings.temperature` and `.anti_cap` left at None to the values that go with
+    `settings.meta_init` (an AAAConfig, or the CLI's arguments so config.json records them)."""
+    for key, value in META_INIT_DEFAULTS[settings.meta_init].items():
+        if getattr(settings, key) is None:
+            setattr(settings, key, value)
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -82,9 +90,7 @@ class AAAConfig:
             self.fairness = self.method in ("frl", *AAA_METHODS)
         if self.meta_init not in META_INITS:
             raise ValueError(f"meta_init must be one of {META_INITS}, got {self.meta_init!r}")
-        for key, value in META_INIT_DEFAULTS[self.meta_init].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        fill_meta_init_defaults(self)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
         if not 0 <= self.anti_cap <= 1:
