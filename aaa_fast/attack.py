@@ -22,6 +22,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # fp16 autocast: gradients of a per-sample loss with respect to pixels can underflow in half
 # precision and turn into zero signs; scaling the loss (a power of two: exact) prevents that.
 FP16_LOSS_SCALE = 2.0**12
+# names of the autocast precisions accepted by the trainer and the CLIs
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -87,6 +89,17 @@ def check_labels(y: Tensor, num_classes: int) -> None:
                              f"got values in [{lo}, {hi}]")
 
 
+def check_in_box(x: Tensor, lo: float, hi: float, name: str = "x") -> None:
+    """Float images outside [lo, hi] are nearly always 0-255 or normalised inputs, which the
+    projection would silently clamp into the box. One host sync per call (per attack, not per step)."""
+    if x.numel() and not torch.compiler.is_compiling():
+        x_min, x_max = torch.stack(torch.aminmax(x.detach())).float().tolist()
+        if not (lo <= x_min and x_max <= hi):  # NaN fails too
+            raise ValueError(f"{name} must hold images in [{lo}, {hi}] (pixel space), got values in [{x_min:.4g}, "
+                             f"{x_max:.4g}]: scale 0-255 images by 1/255 and put normalisation inside the model "
+                             "(aaa_fast.models.Normalize as its first layer)")
+
+
 def starting_point(x: Tensor, eps: Tensor, random_start, norm: str, lo: float, hi: float,
                    generator: torch.Generator | None) -> Tensor:
     if random_start is True:
@@ -149,6 +162,7 @@ def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255,
     device and memory format.
     """
     _check_inputs(model, x, y, steps, norm, random_start, amp_dtype)
+    check_in_box(x, lo, hi)
     if loss_fn is None and loss not in ("ce", "kl"):
         raise ValueError(f"loss must be 'ce' or 'kl' (or pass loss_fn), got {loss!r}")
     if loss_fn is not None and not callable(loss_fn):
@@ -184,6 +198,7 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
     anti-adversarial half, so the result equals two `perturb` calls sharing one generator.
     """
     _check_inputs(model, x, y, steps, norm, random_start, amp_dtype)
+    check_in_box(x, lo, hi)
     if adv_loss not in ("kl", "ce"):
         raise ValueError(f"adv_loss must be 'kl' or 'ce', got {adv_loss!r}")
     n, device = x.shape[0], x.device

@@ -1,122 +1,68 @@
-"""Clean / PGD / class-wise / worst-class metrics (METHOD.md, "Evaluation (FRL protocol)").
+"""python -m aaa_fast.evaluate --checkpoint RUN/best.pt: re-evaluate a run's checkpoint.
 
-Natural error e_c = 1 - clean accuracy of class c; robust error = 1 - PGD accuracy; boundary
-error r_c = clean accuracy - PGD accuracy (the share of class c that is correct but not robust).
+With no overrides it reproduces the run's final.json numbers (same test set or --test-subset,
+same PGD budget and random starts); --eval-eps, --eval-steps and --test-subset change them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import os
+import sys
 
 import torch
-from torch import Tensor, nn
 
-from .attack import autocast, eval_mode, perturb
-
-
-@dataclass
-class ClasswiseResult:
-    nat_acc: Tensor  # (C,) clean accuracy per class
-    rob_acc: Tensor  # (C,) PGD accuracy per class
-    counts: Tensor   # (C,) samples per class
-
-    @property
-    def nat_err(self) -> Tensor:
-        return 1 - self.nat_acc
-
-    @property
-    def rob_err(self) -> Tensor:
-        return 1 - self.rob_acc
-
-    @property
-    def bdy_err(self) -> Tensor:
-        return self.nat_acc - self.rob_acc
-
-    def summary(self) -> dict[str, float]:
-        """Averages over classes and worst classes, in percent (as METHOD.md's tables)."""
-        present = self.counts > 0
-        out = {}
-        for name, err in (("nat", self.nat_err), ("bdy", self.bdy_err), ("rob", self.rob_err)):
-            e = err[present]
-            out[f"avg_{name}_err"] = 100 * e.mean().item()
-            out[f"worst_{name}_err"] = 100 * e.max().item()
-        total = self.counts.sum().clamp_min(1)
-        out["clean_acc"] = 100 * (self.nat_acc * self.counts).sum().item() / total.item()
-        out["pgd_acc"] = 100 * (self.rob_acc * self.counts).sum().item() / total.item()
-        return out
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import DatasetError, load_dataset
+from .evaluation import final_evaluation, format_final, model_for
+from .runtime import run_cli
+from .train import HelpFormatter, number_arg
 
 
-def classwise_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, *, eps: float = 8 / 255,
-                       steps: int = 20, alpha: float = 2 / 255, batch_size: int = 256,
-                       amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
-                       device: torch.device | None = None) -> ClasswiseResult:
-    """Clean and PGD-`steps` (CE, uniform random start) accuracy per class over (x, y), in batches.
-    x, y may live on the CPU; batches are moved to `device` (default: the model's)."""
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
-    device = device or next(model.parameters()).device
-    correct_nat = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    correct_rob = torch.zeros_like(correct_nat)
-    counts = torch.zeros_like(correct_nat)
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size].to(device, non_blocking=True)
-        yb = y[start:start + batch_size].to(device, non_blocking=True).long()
-        if xb.dtype == torch.uint8:
-            xb = xb.float() / 255
-        with eval_mode(model), torch.no_grad(), autocast(device, amp_dtype):
-            nat_ok = model(xb).argmax(1) == yb
-        if steps > 0 and eps > 0:
-            xa = perturb(model, xb, yb, eps=eps, steps=steps, alpha=alpha, random_start=True,
-                         amp_dtype=amp_dtype, generator=generator)
-            with eval_mode(model), torch.no_grad(), autocast(device, amp_dtype):
-                rob_ok = model(xa).argmax(1) == yb
-        else:
-            rob_ok = nat_ok
-        counts += torch.bincount(yb, minlength=num_classes)
-        correct_nat.index_add_(0, yb, nat_ok.double())
-        correct_rob.index_add_(0, yb, rob_ok.double())
-    denom = counts.clamp_min(1)
-    return ClasswiseResult((correct_nat / denom).cpu(), (correct_rob / denom).cpu(), counts.cpu())
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aaa_fast.evaluate", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a run (config.json beside it)")
+    p.add_argument("--eval-eps", type=number_arg(float, 0), default=None, help="PGD budget (e.g. 8/255); default: the run's")
+    p.add_argument("--eval-steps", type=number_arg(int, 0), default=None, help="PGD steps; default: the run's")
+    p.add_argument("--test-subset", type=number_arg(int, 1), default=None,
+                   help="class-balanced test subset; default: the run's (the whole test set if it had none)")
+    p.add_argument("--autoattack", action="store_true", help="also run torchattacks' AutoAttack")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="where to evaluate")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    return p
 
 
 def main(argv=None) -> None:
-    """python -m aaa_fast.evaluate --checkpoint RUN/best.pt: the FRL table on the test set."""
-    import argparse
-    import json
-    import os
-
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .data import DatasetError, load_dataset
-    from .train import autoattack_accuracy, evaluate_split, format_final, model_for
-
-    p = argparse.ArgumentParser(prog="python -m aaa_fast.evaluate", description=main.__doc__)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a run (config.json beside it)")
-    p.add_argument("--eval-eps", type=float, default=None, help="default: the run's")
-    p.add_argument("--eval-steps", type=int, default=None, help="default: the run's")
-    p.add_argument("--autoattack", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
     if not os.path.exists(config_path):
         raise SystemExit(f"error: {config_path} not found: the checkpoint must sit in its run directory")
-    with open(config_path) as f:
-        run = argparse.Namespace(**json.load(f))
     try:
+        with open(config_path) as f:
+            run = argparse.Namespace(**json.load(f))
         state = load_checkpoint(args.checkpoint, expected_hash=run.config_hash)
         data = load_dataset(run.dataset, run.data_dir, download_missing=False)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"error: cannot read the run's settings from {config_path}: {exc}") from None
     except (CheckpointError, DatasetError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    run.eval_eps = run.eval_eps if args.eval_eps is None else args.eval_eps
-    run.eval_steps = run.eval_steps if args.eval_steps is None else args.eval_steps
+    for name in ("eval_eps", "eval_steps", "test_subset"):
+        if getattr(args, name) is not None:
+            setattr(run, name, getattr(args, name))
+    if run.test_subset is not None and run.test_subset < data.num_classes:
+        raise SystemExit(f"error: --test-subset must be at least the number of classes ({data.num_classes}), "
+                         f"got {run.test_subset}")
+    run.autoattack = args.autoattack
     device = torch.device(args.device)
     model = model_for(run.arch, data, device)
     model.load_state_dict(state["trainer"]["model"])
-    result = evaluate_split(model, data.test_x.to(device), data.test_y.to(device), data.num_classes, run, device,
-                            seed=run.seed + 99)
-    if args.autoattack:
-        result["autoattack_acc"] = autoattack_accuracy(model, data.test_x.to(device), data.test_y.to(device), run)
+    print(f"evaluating {args.checkpoint} (epoch {state.get('epoch')}) on "
+          f"{run.test_subset or data.test_y.shape[0]} test images", file=sys.stderr, flush=True)
+    result = final_evaluation(model, data, run, device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
-                  eval_steps=run.eval_steps, checkpoint=args.checkpoint, epoch=state.get("epoch"))
+                  eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
+                  epoch=state.get("epoch"))
     print(format_final(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -124,4 +70,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,10 +1,16 @@
-"""Process-level settings that make CPU training faster. Opt-in: the library never calls these
-by itself; the CLI and the benchmarks do."""
+"""Process-level helpers for the CLIs: CPU memory settings (opt-in: the library never calls
+them by itself; the CLI and the benchmarks do), run-directory ownership, progress lines."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import functools
+import math
+import os
+import socket
+import sys
+import time
 
 # mallopt parameters from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -31,3 +37,71 @@ def keep_cpu_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class RunDirLock:
+    """One process owns a run directory: an exclusive flock on <dir>/.lock, held until the process
+    ends. The kernel drops it when the holder dies, so a SIGKILLed run never blocks `--resume`;
+    the file names the holder for the message of whoever is refused."""
+
+    def __init__(self, directory: str):
+        path = os.path.join(directory, ".lock")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise SystemExit(f"error: --out {directory} is in use by {holder}; wait for that run to end, "
+                             "or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"run pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+class ProgressLines:
+    """Progress for logs: a line with rate and ETA every $AAA_FAST_PROGRESS_SECONDS (default 30) s."""
+
+    def __init__(self, label: str, total: int, done: int = 0):
+        self.label, self.total, self.start_done = label, total, done
+        self.every = float(os.environ.get("AAA_FAST_PROGRESS_SECONDS", "30"))
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, detail=lambda: "") -> None:
+        now = time.time()
+        if now - self.last < self.every or done >= self.total:
+            return
+        self.last = now
+        rate = (done - self.start_done) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        extra = detail()
+        print(f"{self.label}: {done}/{self.total} ({100 * done / self.total:.0f}%), {rate:.2f}/s, "
+              f"ETA {format_seconds(eta)}{', ' + extra if extra else ''}", file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{sec:02d}s"
+
+
+def run_cli(main, argv=None) -> None:
+    """Run a CLI's main so that a user never sees a traceback: unexpected errors end in one line
+    and exit status 1 (AAA_FAST_DEBUG=1 shows the traceback); Ctrl-C exits with 130."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001  (the last line of defence: report, do not dump)
+        if os.environ.get("AAA_FAST_DEBUG") == "1":
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: {type(exc).__name__}: {first} (set AAA_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None

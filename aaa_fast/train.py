@@ -25,15 +25,16 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
-from .data import (DATASETS, NOISE_KINDS, DatasetError, build_scenario, class_balanced_subset, load_dataset,
+from .data import (DATASETS, NOISE_KINDS, DatasetError, build_scenario, load_dataset,
                    random_crop_flip)
-from .evaluate import classwise_accuracy
+from .evaluation import evaluate_split, final_evaluation, final_test_set, format_final, model_for
 from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
 from .meta import META_INITS
 from .models import ARCHS, build_model
 from .objective import OBJECTIVES
-from .runtime import keep_cpu_memory
-from .trainer import AMP, BOUND_MODES, METHODS, AAAConfig, AAATrainer, fill_meta_init_defaults, make_meta_net
+from .runtime import ProgressLines, RunDirLock, keep_cpu_memory, run_cli
+from .attack import AMP
+from .trainer import AAA_METHODS, BOUND_MODES, METHODS, AAAConfig, AAATrainer, fill_meta_init_defaults, make_meta_net
 
 NOISE_ALIASES = {"sym": "uniform", "asym": "flip1"}
 # per-step statistics averaged over an epoch's steps (frac_anti: share of rows with b > a;
@@ -44,8 +45,23 @@ METRIC_FIELDS = ["epoch", "lr", *STEP_FIELDS, "meta_grad_norm", *GROUP_FIELDS, "
 DIAGNOSTIC_FIELDS = ["frac_anti", "grad_band", "mean_eps", "meta_grad_norm", *GROUP_FIELDS]
 
 
-def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
-    """argparse type: a finite number within [lo, hi] (or open ends), with a clear message."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's fixed default (per-method
+    defaults are spelled out in the flag's help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def number_arg(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """argparse type: a finite number within [lo, hi] (or open ends), with a clear message. Floats
+    must fit float32 (budgets and rates end up in float32 tensors)."""
     def parse(text: str):
         try:
             if "/" in text and kind is float:  # budgets are often written as fractions: 8/255
@@ -57,6 +73,8 @@ def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"{text!r} does not fit in float32 (max {FLOAT32_MAX:.3g})")
         if lo is not None and (value < lo or (lo_open and value == lo)):
             raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {value}")
         if hi is not None and (value > hi or (hi_open and value == hi)):
@@ -66,71 +84,92 @@ def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aaa_fast.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m aaa_fast.train", description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    g.add_argument("--data-dir", default=None, help="default ./data (CIFAR) or /usr/share/datasets/fashion-mnist")
+    g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="training and test data")
+    g.add_argument("--data-dir", default=None, help="where the data lives; default ./data (CIFAR) or "
+                   "/usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
-                   help="fetch missing data (md5-checked); default on for CIFAR, off for Fashion-MNIST")
-    g.add_argument("--label-noise", default="none", choices=list(NOISE_KINDS) + list(NOISE_ALIASES))
-    g.add_argument("--noise-rate", type=_number(float, 0, 1, hi_open=True), default=0.0)
-    g.add_argument("--imbalance-factor", "--imbalance-ratio", type=_number(float, 1), default=1.0)
-    g.add_argument("--num-meta", type=_number(int, 0), default=1000, help="clean balanced meta set size")
-    g.add_argument("--train-subset", type=_number(int, 1), default=None, help="class-balanced subset for quick runs")
+                   help="fetch missing CIFAR data (md5-checked); default on for CIFAR, off for Fashion-MNIST")
+    g.add_argument("--label-noise", default="none", choices=list(NOISE_KINDS) + list(NOISE_ALIASES),
+                   help="corrupt training labels: uniform (sym) to any other class, flip1 (asym) to the next "
+                        "class, flip2 to one of the next two")
+    g.add_argument("--noise-rate", type=number_arg(float, 0, 1, hi_open=True), default=0.0,
+                   help="share of training labels corrupted (needs --label-noise)")
+    g.add_argument("--imbalance-factor", "--imbalance-ratio", type=number_arg(float, 1), default=1.0,
+                   help="long tail: the largest class has this many times the samples of the smallest")
+    g.add_argument("--num-meta", type=number_arg(int, 0), default=1000,
+                   help="clean, class-balanced meta set taken out of the training data (meta-network and "
+                        "fairness multipliers)")
+    g.add_argument("--train-subset", type=number_arg(int, 1), default=None,
+                   help="draw this many training images (class-balanced, the meta set included) for quick runs")
     g = p.add_argument_group("model and method")
-    g.add_argument("--arch", default="wrn28-10", choices=sorted(ARCHS))
-    g.add_argument("--method", default="aaa", choices=METHODS)
-    g.add_argument("--bound-mode", default=None, choices=BOUND_MODES)
-    g.add_argument("--eps", type=_number(float, 0), default=None, help="training bound eps_0 (pixel units); "
-                   "default 10/255 for aaa*, 8/255 otherwise (0.1 on Fashion-MNIST)")
-    g.add_argument("--alpha", type=_number(float, 0, lo_open=True), default=None, help="attack step; default eps/4")
-    g.add_argument("--steps", type=_number(int, 0), default=10)
-    g.add_argument("--lam", type=_number(float, 0), default=None, help="TRADES lambda; default 1.5 (aaa*), 6 otherwise")
+    g.add_argument("--arch", default="wrn28-10", choices=sorted(ARCHS), help="network")
+    g.add_argument("--method", default="aaa", choices=METHODS,
+                   help="erm, pgd-at, trades, frl (baselines); aaa (meta-learned adversarial/anti-adversarial "
+                        "choice), aaa-fixed (a = b = 1/2), aaa-oracle (corrupted rows to the anti term)")
+    g.add_argument("--bound-mode", default=None, choices=BOUND_MODES,
+                   help="per-sample bounds eps_i: fixed (eps for all), remargin (FRL's class-wise bounds), "
+                        "meta (from the meta-network, aaa only); default remargin for frl/aaa*, fixed otherwise")
+    g.add_argument("--eps", type=number_arg(float, 0), default=None, help="training bound eps_0 in pixel units "
+                   "(e.g. 8/255); default 10/255 for aaa*, 8/255 otherwise, 0.1 on Fashion-MNIST")
+    g.add_argument("--alpha", type=number_arg(float, 0, lo_open=True), default=None,
+                   help="attack step size; default eps/4")
+    g.add_argument("--steps", type=number_arg(int, 0), default=10, help="attack steps per training batch")
+    g.add_argument("--lam", type=number_arg(float, 0), default=None,
+                   help="TRADES lambda; default 1.5 for aaa*, 6 otherwise")
     g.add_argument("--objective", default="kl-all", choices=OBJECTIVES,
-                   help="kl-all (extension, default; study v2 in docs/RESULTS.md): the KL term applies to "
-                        "every row, so anti-adversarial rows keep adversarial training; paper: a_i weights the "
-                        "natural CE and the KL term, as the authors' objective")
+                   help="kl-all (extension; study v2 in docs/RESULTS.md): the KL term applies to every row, so "
+                        "anti-adversarial rows keep adversarial training; paper: a_i weights the natural CE and "
+                        "the KL term, as the authors' objective")
     g.add_argument("--meta-init", default="trades", choices=META_INITS,
                    help="how the meta-network starts: trades (every row on the TRADES side, learnable) "
                         "or reference (the authors' default init; with T=0.001 a near-hard coin toss)")
-    g.add_argument("--temperature", type=_number(float, 0, lo_open=True), default=None,
+    g.add_argument("--temperature", type=number_arg(float, 0, lo_open=True), default=None,
                    help="T of the meta-network's softmax; default 0.05 (trades init), 0.001 (reference)")
-    g.add_argument("--anti-cap", type=_number(float, 0, 1), default=None,
+    g.add_argument("--anti-cap", type=number_arg(float, 0, 1), default=None,
                    help="collapse guard: the meta objective pays for a batch's anti share above this; "
                         "default 0.5 (trades init), 1 = off (reference)")
-    g.add_argument("--meta-every", type=_number(int, 1), default=50)
-    g.add_argument("--meta-lr", type=_number(float, 0, lo_open=True), default=1e-4)
-    g.add_argument("--meta-batch-size", type=_number(int, 1), default=100)
+    g.add_argument("--meta-every", type=number_arg(int, 1), default=50, help="a meta step every this many iterations")
+    g.add_argument("--meta-lr", type=number_arg(float, 0, lo_open=True), default=1e-4, help="meta-network Adam lr")
+    g.add_argument("--meta-batch-size", type=number_arg(int, 1), default=100, help="meta-set rows per meta step")
     g.add_argument("--no-fairness", action="store_true", help="turn the FRL multipliers off for frl/aaa*")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_number(int, 1), default=100)
-    g.add_argument("--batch-size", type=_number(int, 1), default=128)
-    g.add_argument("--lr", type=_number(float, 0, lo_open=True), default=0.1)
-    g.add_argument("--momentum", type=_number(float, 0, 1, hi_open=True), default=0.9)
-    g.add_argument("--weight-decay", type=_number(float, 0), default=5e-4)
-    g.add_argument("--schedule", default="step", choices=["step", "cosine"], help="step: x0.1 at 50%% and 75%%")
-    g.add_argument("--amp", default="none", choices=list(AMP))
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--epochs", type=number_arg(int, 1), default=100,
+                   help="training epochs; with --resume, more than the run had extends it")
+    g.add_argument("--batch-size", type=number_arg(int, 1), default=128, help="training rows per step (all ranks)")
+    g.add_argument("--lr", type=number_arg(float, 0, lo_open=True), default=0.1, help="SGD learning rate")
+    g.add_argument("--momentum", type=number_arg(float, 0, 1, hi_open=True), default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=number_arg(float, 0), default=5e-4, help="SGD weight decay")
+    g.add_argument("--schedule", default="step", choices=["step", "cosine"],
+                   help="lr schedule per step: step (x0.1 at 50%% and 75%% of the steps) or cosine")
+    g.add_argument("--amp", default="none", choices=list(AMP), help="autocast precision")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=_number(int, 0), default=0)
+    g.add_argument("--seed", type=number_arg(int, 0), default=0, help="seed of the data draw, noise and training")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a NaN/inf loss instead of stopping")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-eps", type=_number(float, 0), default=None, help="PGD-20 budget; default 8/255 (0.1 FMNIST)")
-    g.add_argument("--eval-steps", type=_number(int, 0), default=20)
-    g.add_argument("--eval-every", type=_number(int, 1), default=1)
-    g.add_argument("--eval-subset", type=_number(int, 1), default=1000, help="test samples for per-epoch evaluation")
-    g.add_argument("--test-subset", type=_number(int, 1), default=None,
-                   help="final evaluation on this many test samples, class-balanced and the same for every "
-                        "seed (default: the whole test set)")
+    g.add_argument("--eval-eps", type=number_arg(float, 0), default=None,
+                   help="PGD budget for evaluation; default 8/255 (0.1 on Fashion-MNIST)")
+    g.add_argument("--eval-steps", type=number_arg(int, 0), default=20, help="PGD steps for evaluation")
+    g.add_argument("--eval-every", type=number_arg(int, 1), default=1, help="evaluate every this many epochs")
+    g.add_argument("--eval-subset", type=number_arg(int, 1), default=1000,
+                   help="test images for the per-epoch evaluation (the final one uses --test-subset)")
+    g.add_argument("--test-subset", type=number_arg(int, 1), default=None,
+                   help="final evaluation on this many test images, class-balanced and the same for every "
+                        "seed; default the whole test set")
     g.add_argument("--autoattack", action="store_true", help="also run torchattacks' AutoAttack at the end")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/latest")
+    g.add_argument("--out", default="runs/latest", help="run directory (one run at a time owns it)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--init", default=None, metavar="CKPT", help="start from these model weights")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--progress", default="auto", choices=["auto", "bar", "lines"])
+    g.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint's model weights")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    g.add_argument("--progress", default="auto", choices=["auto", "bar", "lines"],
+                   help="bar (tqdm), or lines every ~30 s (for logs); auto: bar on a terminal")
     return p
+
+
+FLAG_NAMES = {a.dest for a in build_parser()._actions}
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -157,6 +196,61 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available")
     return args
+
+
+def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_info: dict) -> None:
+    """Refuse, naming the flags, settings that leave nothing to train on or cannot be evaluated."""
+    if scenario_info["train_size"] == 0:
+        subset = f" of --train-subset {args.train_subset}" if args.train_subset else ""
+        raise SystemExit(f"error: --num-meta {args.num_meta} takes every image{subset}: no training images are "
+                         "left; lower --num-meta or raise --train-subset")
+    uses_meta_set = args.method == "aaa" or (args.method in ("frl", *AAA_METHODS) and not args.no_fairness)
+    if uses_meta_set and args.num_meta < num_classes:
+        raise SystemExit(f"error: --method {args.method} learns from the meta set (meta-network or fairness "
+                         f"multipliers): --num-meta must be at least {num_classes} (one image per class), "
+                         f"got {args.num_meta}")
+    if args.test_subset is not None and args.test_subset < num_classes:
+        raise SystemExit(f"error: --test-subset must be at least the number of classes ({num_classes}), "
+                         f"got {args.test_subset}")
+
+
+def settings_diff(out: str, run_config: dict) -> str:
+    """'; differs from the run in OUT: --flag (was A, now B), ...' from its config.json, or ''."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    changed = [f"{'--' + k.replace('_', '-') if k in FLAG_NAMES else k} (was {before[k]!r}, now {v!r})"
+               for k, v in run_config.items() if k in before and before[k] != v]
+    return f"; differs from the run in {out}: {', '.join(changed)}" if changed else ""
+
+
+def describe_position(state: dict, epochs: int) -> str:
+    position = state.get("position")
+    where = (f"epoch {state['epoch'] + 1}, step {position['step']}" if position
+             else f"the end of epoch {state['epoch']}")
+    return where + (f" of {epochs}" if state["epoch"] < epochs else f" (finished: {epochs} epochs)")
+
+
+def epoch_steps(n: int, batch_size: int) -> int:
+    """Steps per epoch. A last batch of one row (BatchNorm cannot train on it) joins the one before."""
+    return math.ceil(n / batch_size) - (1 if n > batch_size and n % batch_size == 1 else 0)
+
+
+def lr_factor(schedule: str, total_steps: int):
+    """The lr at step t as a multiple of --lr, in closed form (so a resume with more --epochs only
+    changes total_steps): step: x0.1 at 50% and 75% of the steps; cosine: down to 0 at the end."""
+    if schedule == "step":
+        milestones = step_milestones(total_steps)
+        return lambda t: 0.1 ** sum(t >= m for m in milestones)
+    return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+
+
+def step_milestones(total_steps: int) -> list[int]:
+    """The step schedule's x0.1 points (50% and 75% of the steps), leaving out any that would hit
+    the first step or fall after the last (a 1-step run trains at the full lr)."""
+    return sorted({m for m in (int(0.5 * total_steps), int(0.75 * total_steps)) if 0 < m < total_steps})
 
 
 def check_out_dir(out: str) -> None:
@@ -267,27 +361,10 @@ def make_plots(out: str, history: list[dict], final: dict) -> None:
     plt.close(fig)
 
 
-def model_for(arch: str, data, device) -> torch.nn.Module:
-    """`arch` sized for the dataset (classes, channels) with its normalisation as first layer."""
-    mean, std = data.mean_std
-    return build_model(arch, num_classes=data.num_classes, in_channels=data.train_x.shape[1], mean=mean,
-                       std=std).to(device)
-
-
 def meta_net_seed(scenario_info: dict) -> int:
     """The meta-network's initial draw, one per (scenario, seed): runs of one --seed in different
     scenarios must not share it (the first study's did, so three draws decided all its runs)."""
     return zlib.crc32(json.dumps(scenario_info, sort_keys=True).encode())
-
-
-def evaluate_split(model, x, y, num_classes, args, device, seed) -> dict:
-    result = classwise_accuracy(model, x, y, num_classes, eps=args.eval_eps, steps=args.eval_steps,
-                                alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=AMP[args.amp],
-                                generator=torch.Generator(device=device).manual_seed(seed), device=device)
-    out = result.summary()
-    out["classwise_clean_acc"] = (100 * result.nat_acc).tolist()
-    out["classwise_pgd_acc"] = (100 * result.rob_acc).tolist()
-    return out
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -296,10 +373,26 @@ def train(args: argparse.Namespace) -> dict:
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
     if device.type == "cpu":
         keep_cpu_memory()
+    try:  # data first: a run that cannot get its data leaves nothing behind
+        data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and par.main)
+    except DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        scenario = build_scenario(data, num_meta=args.num_meta, imbalance_factor=args.imbalance_factor,
+                                  noise=args.label_noise, noise_rate=args.noise_rate, seed=args.seed,
+                                  train_subset=args.train_subset)
+    except ValueError as exc:  # a meta set the data cannot supply
+        raise SystemExit(f"error: --num-meta {args.num_meta}: {exc}") from None
+    check_data_settings(args, data.num_classes, scenario.info)
+    out_lock = None
     if par.main:
         check_out_dir(args.out)
-    run_config = {k: v for k, v in vars(args).items() if k not in ("resume", "progress", "init", "out")}
-    run_config["world_size"] = par.world
+        out_lock = RunDirLock(args.out)  # held until this process ends
+    # what decides the results: the settings (not where the data lives, not --epochs, which a resume
+    # may raise to extend a run) and the data's content
+    run_config = {k: v for k, v in vars(args).items()
+                  if k not in ("resume", "progress", "init", "out", "data_dir", "epochs")}
+    run_config.update(world_size=par.world, data_fingerprint=data.fingerprint())
     chash = config_hash(run_config)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     state = None
@@ -307,19 +400,13 @@ def train(args: argparse.Namespace) -> dict:
         try:
             state = load_newest(ckpt_path, expected_hash=chash)
         except CheckpointError as exc:
-            raise SystemExit(f"error: cannot resume: {exc}") from None
-        if state is None and par.main:
-            print(f"--resume: no checkpoint in {args.out} yet, starting the run", file=sys.stderr)
+            raise SystemExit(f"error: cannot resume: {exc}{settings_diff(args.out, run_config)}") from None
+        if par.main:
+            print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
+                  f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
     elif par.main and (os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue that run or choose another --out")
 
-    try:
-        data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and par.main)
-    except DatasetError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    scenario = build_scenario(data, num_meta=args.num_meta, imbalance_factor=args.imbalance_factor,
-                              noise=args.label_noise, noise_rate=args.noise_rate, seed=args.seed,
-                              train_subset=args.train_subset)
     c = data.num_classes
     torch.manual_seed(args.seed)
     model = model_for(args.arch, data, device)
@@ -345,23 +432,15 @@ def train(args: argparse.Namespace) -> dict:
         meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4)
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
     trainer.grad_sync = par.average
-    steps_per_epoch = math.ceil(scenario.train_y.shape[0] / args.batch_size)
+    steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    if args.schedule == "step":
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, [int(0.5 * total_steps), int(0.75 * total_steps)], gamma=0.1)
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.schedule, total_steps))
     # data held on the training device as uint8; shuffling from a seeded generator
     train_x, train_y = scenario.train_x.to(device), scenario.train_y.to(device)
     corrupted = (scenario.train_y != scenario.train_y_clean).to(device)
     choices = ChoiceDiagnostics(corrupted, tail_classes(torch.bincount(scenario.train_y_clean, minlength=c)))
     meta_x, meta_y = scenario.meta_x.to(device), scenario.meta_y.to(device)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    if args.test_subset is not None and args.test_subset < test_y.shape[0]:
-        keep = class_balanced_subset(data.test_y, args.test_subset, c, torch.Generator().manual_seed(0)).to(device)
-        test_x, test_y = test_x[keep], test_y[keep]
+    test_x, test_y = final_test_set(data, args.test_subset, device)
     shuffle = torch.Generator().manual_seed(args.seed + 1)
     augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     augment = args.dataset != "fashion-mnist"
@@ -369,13 +448,16 @@ def train(args: argparse.Namespace) -> dict:
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         scheduler.load_state_dict(state["scheduler"])
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # this run's --epochs decide the rest
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * factor
         shuffle.set_state(state["shuffle_rng"])
         augment_gen.set_state(state["augment_rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         position = state.get("position")  # set when a signal stopped the run inside an epoch
     if par.main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(dict(run_config, config_hash=chash, scenario=scenario.info, device=str(device),
+            json.dump(dict(run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=chash, scenario=scenario.info, device=str(device),
                            torch=torch.__version__), f, indent=2)
     use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
     stopper = StopRequested()
@@ -404,11 +486,15 @@ def train(args: argparse.Namespace) -> dict:
             sums, first_step = dict.fromkeys(["steps", *STEP_FIELDS, "meta_steps", "meta_grad_norm"], 0.0), 0
             choices.reset()
         batches = range(first_step, steps_per_epoch)
+        lines = None
         if use_bar and par.main:
             from tqdm import tqdm
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+        elif par.main:
+            lines = ProgressLines(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch, first_step)
         for i in batches:
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size][par.rank::par.world]
+            end = train_y.shape[0] if i == steps_per_epoch - 1 else (i + 1) * args.batch_size
+            idx = order[i * args.batch_size:end][par.rank::par.world]
             x = train_x[idx]
             if augment:
                 x = random_crop_flip(x, generator=augment_gen)
@@ -431,6 +517,8 @@ def train(args: argparse.Namespace) -> dict:
                 choices.add(idx, *trainer.last_choice)
             if use_bar and par.main:
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
+            elif lines is not None:
+                lines.update(i + 1, lambda: f"loss {stats['loss']:.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
             if stopper.requested:
                 checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
                                        choices=choices.state_dict()))
@@ -465,12 +553,11 @@ def train(args: argparse.Namespace) -> dict:
                 writer.writerows(history)
             acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
                    if row["test_clean_acc"] != "" else "")
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}, anti share {row['frac_anti']:.2f}, "
-                  f"eps {row['mean_eps']:.4f}{acc} ({row['seconds']:.1f}s)", flush=True)
+            anti = f", anti share {row['frac_anti']:.2f}" if args.method in AAA_METHODS else ""
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
+                  f"lr {optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
 
-    final = evaluate_split(model, test_x, test_y, c, args, device, seed=args.seed + 99)
-    if args.autoattack:
-        final["autoattack_acc"] = autoattack_accuracy(model, test_x, test_y, args)
+    final = final_evaluation(model, data, args, device, progress=par.main and not use_bar)
     final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
                  scenario=scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
                  diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
@@ -483,40 +570,10 @@ def train(args: argparse.Namespace) -> dict:
     return final
 
 
-def autoattack_accuracy(model, x, y, args) -> float | str:
-    try:
-        import torchattacks
-    except ImportError:
-        msg = "torchattacks is not installed (pip install --no-deps torchattacks); AutoAttack skipped"
-        print(f"warning: {msg}", file=sys.stderr)
-        return msg
-    model.eval()
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=args.eval_eps, n_classes=int(y.max()) + 1, seed=args.seed)
-    correct = 0
-    for s in range(0, y.shape[0], 256):
-        xb = x[s:s + 256].float() / 255
-        xa = attack(xb, y[s:s + 256])
-        with torch.no_grad():
-            correct += (model(xa).argmax(1) == y[s:s + 256]).sum().item()
-    return 100 * correct / y.shape[0]
-
-
-def format_final(final: dict) -> str:
-    lines = [f"final ({final['method']}, {final['dataset']}, {final['arch']}; PGD-{final['eval_steps']} "
-             f"eps {final['eval_eps']:.4f}):",
-             f"{'':<10}{'natural':>10}{'boundary':>10}{'robust':>10}   (error, %)",
-             f"{'average':<10}{final['avg_nat_err']:>10.2f}{final['avg_bdy_err']:>10.2f}{final['avg_rob_err']:>10.2f}",
-             f"{'worst':<10}{final['worst_nat_err']:>10.2f}{final['worst_bdy_err']:>10.2f}{final['worst_rob_err']:>10.2f}",
-             f"clean accuracy {final['clean_acc']:.2f}%, PGD accuracy {final['pgd_acc']:.2f}%"]
-    if "autoattack_acc" in final:
-        lines.append(f"AutoAttack accuracy: {final['autoattack_acc']}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     train(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .attack import autocast, check_labels, build_pair, eval_mode, perturb
-from .evaluate import classwise_accuracy
+from .attack import AMP, autocast, check_in_box, check_labels, build_pair, eval_mode, perturb
+from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import META_INITS, MetaNet, meta_gradient
 from .objective import INITIAL_CLASS_LOSS, OBJECTIVES, sample_features, weighted_objective
@@ -42,7 +42,6 @@ def fill_meta_init_defaults(settings) -> None:
     for key, value in META_INIT_DEFAULTS[settings.meta_init].items():
         if getattr(settings, key) is None:
             setattr(settings, key, value)
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -175,7 +174,11 @@ class AAATrainer:
         if x.shape[:1] != y.shape[:1]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
         x = x.to(self.device, non_blocking=True)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        else:
+            x = x.float()
+            check_in_box(x, 0.0, 1.0)
         if self.config.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True).long()

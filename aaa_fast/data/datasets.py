@@ -67,6 +67,14 @@ class Dataset:
     def mean_std(self):
         return STATS[self.name]
 
+    def fingerprint(self) -> str:
+        """A digest of the images and labels: what a resumed run must see again, wherever the
+        files now live."""
+        digest = hashlib.sha256(self.name.encode())
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            digest.update(t.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
 
 def md5_of(path: str) -> str:
     h = hashlib.md5()
@@ -77,16 +85,24 @@ def md5_of(path: str) -> str:
 
 
 def download(url: str, dest: str, md5: str) -> None:
-    """Fetch url to dest atomically, rejecting a file whose md5 differs."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", suffix=".part")
+    """Fetch url to dest, rejecting a file whose md5 differs. Nothing is created under dest's
+    directory unless the whole, checked file arrived (it is fetched into a temporary file first)."""
+    fd, tmp = tempfile.mkstemp(suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, out)
+        except OSError as exc:  # URLError, timeouts, a connection cut mid-way
+            reason = getattr(exc, "reason", None) or exc
+            raise DatasetError(f"cannot download {url} ({reason}). Without network, fetch that file elsewhere and "
+                               f"put it at {os.path.abspath(dest)}") from None
         got = md5_of(tmp)
         if got != md5:
             raise DatasetError(f"download of {url} has md5 {got}, expected {md5}: corrupt or wrong file, not used")
-        os.replace(tmp, dest)
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        part = dest + ".part"
+        shutil.move(tmp, part)  # then an atomic rename on dest's own file system
+        os.replace(part, dest)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -98,8 +114,9 @@ def load_cifar(root: str, name: str = "cifar10", *, download_missing: bool = Fal
     folder = os.path.join(root, spec["folder"])
     if not os.path.isdir(folder):
         if not download_missing:
-            raise DatasetError(f"{name}: no {spec['folder']}/ under {os.path.abspath(root)}. Pass --download to fetch "
-                               f"{spec['url']} (md5-checked), or extract {spec['archive']} there yourself.")
+            raise DatasetError(f"{name}: no {spec['folder']}/ under {os.path.abspath(root)}. Put {spec['archive']} "
+                               f"(from {spec['url']}) in that directory, or extract it there, or drop --no-download "
+                               "to fetch it (md5-checked).")
         archive = os.path.join(root, spec["archive"])
         if not (os.path.exists(archive) and md5_of(archive) == spec["md5"]):
             download(spec["url"], archive, spec["md5"])

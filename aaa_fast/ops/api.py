@@ -79,6 +79,25 @@ def _in_layout_of(ref: Tensor, t: Tensor) -> Tensor:
     return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
+def _memory_span(t: Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    return start, start + extent * t.element_size()
+
+
+def _partially_overlaps(written: Tensor, read: Tensor) -> bool:
+    """True when `read` shares memory with `written` other than element for element: the in-place
+    kernels would then read values they already overwrote."""
+    if written.numel() == 0 or read.numel() == 0:
+        return False
+    if written.untyped_storage().data_ptr() != read.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _memory_span(written), _memory_span(read)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    return not (a0 == b0 and written.stride() == read.stride() and written.dtype == read.dtype)
+
+
 def prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi):
     """Validate the public arguments; returns float32 (N,) direction, eps, alpha."""
     for name, t in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad)):
@@ -96,6 +115,9 @@ def prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi):
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal x_adv shape {tuple(x_adv.shape)}")
         if t.device != x_adv.device:
             raise ValueError(f"{name} is on {t.device} but x_adv is on {x_adv.device}")
+        if _partially_overlaps(x_adv, t):
+            raise ValueError(f"{name} overlaps x_adv's memory at a different offset or layout (views of one buffer); "
+                             "the in-place step would read values it already wrote: pass separate tensors")
     _check_norm_bounds(norm, lo, hi)
     n, device = x_adv.shape[0], x_adv.device
     d, d_bad = per_sample("direction", direction, n, device, nonneg=False)
