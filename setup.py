@@ -15,11 +15,13 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 _spec = importlib.util.spec_from_file_location("build_config", os.path.join("aaa_fast", "ops", "build_config.py"))
 build_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_config)
+build_config.locate_cuda_home()
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def extension():

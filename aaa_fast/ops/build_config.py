@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 # No a*b+c contraction: the kernels must round like the plain-PyTorch reference. No -std flag:
 # torch's build helpers add the C++ standard its headers need (C++20 from torch 2.13 on).
@@ -30,6 +31,23 @@ def cpu_sources(root: str) -> list[str]:
 
 def cuda_sources(root: str) -> list[str]:
     return [os.path.join(root, "cuda", "pgd_step_cuda.cu")]
+
+
+def locate_cuda_home() -> None:
+    """Point $CUDA_HOME at a toolkit with headers when it is unset and torch's guess (the parent
+    of the directory holding `nvcc`) has none, e.g. /usr/local/bin/nvcc being a wrapper script
+    for /usr/local/cuda-X/bin/nvcc. Call before importing torch.utils.cpp_extension."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guesses = [os.path.dirname(os.path.dirname(p)) for p in (nvcc, os.path.realpath(nvcc))] + ["/usr/local/cuda"]
+    for home in guesses:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            if home != guesses[0]:
+                os.environ["CUDA_HOME"] = home
+            return
 
 
 def set_default_cuda_arch_list(visible_devices: int) -> None:

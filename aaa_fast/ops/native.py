@@ -60,6 +60,7 @@ def rebuild(reason: str) -> str | None:
     sources = source_dir()
     if sources is None:
         return f"{reason}; its C++ sources are not installed, so it cannot be rebuilt"
+    build_config.locate_cuda_home()
     from torch.utils import cpp_extension
 
     with_cuda = build_config.want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME)

@@ -1,7 +1,7 @@
 // Torch binding of the CUDA kernels (built only where torch has CUDA).
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE/cuBLAS headers
 #include <torch/library.h>
 
 #include "../pgd_step.h"
@@ -24,7 +24,7 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::T
   if (N * S == 0) return;
   TORCH_CHECK(N < (int64_t(1) << 31), "pgd_step_: batch too large for one CUDA grid");
   const c10::cuda::CUDAGuard guard(x_adv.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "pgd_step_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     T* xa = reinterpret_cast<T*>(x_adv.data_ptr<scalar_t>());
