@@ -101,7 +101,10 @@ def model_for(arch: str, data, device) -> torch.nn.Module:
 def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label: str | None = None) -> dict:
     """classwise_accuracy with a run's evaluation settings (args: eval_eps, eval_steps, batch_size,
     amp), as the summary dict plus per-class accuracies. With `progress_label`, progress lines."""
-    lines = ProgressLines(progress_label, y.shape[0]) if progress_label else None
+    lines = None
+    if progress_label:
+        print(f"{progress_label}: started", file=sys.stderr, flush=True)
+        lines = ProgressLines(progress_label, y.shape[0])
     result = classwise_accuracy(model, x, y, num_classes, eps=args.eval_eps, steps=args.eval_steps,
                                 alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=AMP[args.amp],
                                 generator=torch.Generator(device=device).manual_seed(seed), device=device,

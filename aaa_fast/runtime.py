@@ -92,10 +92,16 @@ def format_seconds(seconds: float) -> str:
 
 
 def run_cli(main, argv=None) -> None:
-    """Run a CLI's main so that a user never sees a traceback: unexpected errors end in one line
-    and exit status 1 (AAA_FAST_DEBUG=1 shows the traceback); Ctrl-C exits with 130."""
+    """Run a CLI's main so that a user never sees a traceback. A refusal (SystemExit with a
+    message) prints it and exits with status 2, as argparse's own; unexpected errors end in one
+    line and status 1 (AAA_FAST_DEBUG=1 shows the traceback); Ctrl-C exits with 130."""
     try:
         main(argv)
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -1,0 +1,305 @@
+"""Fault injection: bad flags, impossible settings, bad API inputs, colliding runs, moved data,
+extended runs, unexpected errors. Each case must end in a clear message naming what was wrong
+(exit status 2 for the CLIs' refusals), never a traceback, and lose nothing.
+See docs/RELIABILITY.md for the table of faults."""
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+
+from aaa_fast import AAAConfig, AAATrainer, ops, perturb
+from aaa_fast.data import DatasetError, datasets
+from aaa_fast.models import build_model
+from aaa_fast.runtime import RunDirLock, run_cli
+from aaa_fast.train import build_parser, epoch_steps, lr_factor, main as train_main, step_milestones
+
+from test_cli import ENV, QUICK
+
+# (flag arguments, the flag the message must name): refused by the parser, exit status 2
+BAD_TRAIN_FLAGS = [
+    (["--eps", "nan"], "--eps"), (["--eps", "-1"], "--eps"), (["--eps", "inf"], "--eps"),
+    (["--eps", "1e39"], "--eps"), (["--eps", "abc"], "--eps"), (["--eps", "1/0"], "--eps"),
+    (["--alpha", "0"], "--alpha"), (["--alpha", "-0.1"], "--alpha"), (["--steps", "-1"], "--steps"),
+    (["--steps", "1.5"], "--steps"), (["--lam", "-1"], "--lam"), (["--lam", "nan"], "--lam"),
+    (["--noise-rate", "1"], "--noise-rate"), (["--noise-rate", "-0.1"], "--noise-rate"),
+    (["--imbalance-factor", "0.5"], "--imbalance-factor"), (["--num-meta", "-1"], "--num-meta"),
+    (["--train-subset", "0"], "--train-subset"), (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--lr", "1e40"], "--lr"), (["--momentum", "1"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--meta-every", "0"], "--meta-every"), (["--meta-lr", "0"], "--meta-lr"),
+    (["--meta-batch-size", "0"], "--meta-batch-size"), (["--temperature", "0"], "--temperature"),
+    (["--anti-cap", "1.5"], "--anti-cap"), (["--eval-eps", "nan"], "--eval-eps"), (["--eval-eps", "-1"], "--eval-eps"),
+    (["--eval-steps", "-5"], "--eval-steps"), (["--eval-every", "0"], "--eval-every"),
+    (["--eval-subset", "0"], "--eval-subset"), (["--test-subset", "0"], "--test-subset"), (["--seed", "-1"], "--seed"),
+    (["--dataset", "mnist"], "--dataset"), (["--arch", "resnet50"], "--arch"), (["--method", "foo"], "--method"),
+    (["--label-noise", "bad"], "--label-noise"), (["--amp", "fp8"], "--amp"), (["--schedule", "linear"], "--schedule"),
+    (["--objective", "x"], "--objective"), (["--meta-init", "x"], "--meta-init"), (["--bound-mode", "x"], "--bound-mode"),
+    (["--device", "tpu"], "--device"), (["--progress", "x"], "--progress"), (["--epochs"], "--epochs"),
+]
+BAD_EVALUATE_FLAGS = [
+    (["--checkpoint", "x.pt", "--eval-eps", "nan"], "--eval-eps"), (["--checkpoint", "x.pt", "--eval-eps", "-1"], "--eval-eps"),
+    (["--checkpoint", "x.pt", "--eval-steps", "-5"], "--eval-steps"),
+    (["--checkpoint", "x.pt", "--test-subset", "0"], "--test-subset"),
+    (["--checkpoint", "x.pt", "--device", "tpu"], "--device"), ([], "--checkpoint"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD_TRAIN_FLAGS, ids=[" ".join(a) for a, _ in BAD_TRAIN_FLAGS])
+def test_bad_train_flag_is_refused_naming_it(argv, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,flag", BAD_EVALUATE_FLAGS, ids=[" ".join(a) for a, _ in BAD_EVALUATE_FLAGS])
+def test_bad_evaluate_flag_is_refused_naming_it(argv, flag, capsys):
+    from aaa_fast.evaluate import build_parser as evaluate_parser
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate_parser().parse_args(argv)
+    assert stop.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_fractions_are_budgets_in_both_clis():
+    from aaa_fast.evaluate import build_parser as evaluate_parser
+
+    assert build_parser().parse_args(["--eps", "8/255"]).eps == 8 / 255
+    assert evaluate_parser().parse_args(["--checkpoint", "x", "--eval-eps", "8/255"]).eval_eps == 8 / 255
+
+
+def test_help_names_every_flag_with_help_and_its_fixed_default():
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # undo the line wrapping
+    for action in parser._actions:
+        if action.option_strings:
+            assert action.help, f"{action.option_strings[0]} has no help"
+    assert "(default: 128)" in text and "(default: runs/latest)" in text and "(default: 0.0)" in text
+
+
+# settings that parse but cannot work with the data: refused before anything is written
+IMPOSSIBLE = [
+    (["--noise-rate", "0.2"], "--noise-rate needs --label-noise"),
+    (["--method", "aaa-oracle"], "needs --label-noise"),
+    (["--num-meta", "300", "--train-subset", "300"], "no training images are left"),
+    (["--method", "aaa", "--num-meta", "0"], "--num-meta must be at least 10"),
+    (["--method", "frl", "--num-meta", "0"], "--num-meta must be at least 10"),
+    (["--num-meta", "55"], "--num-meta 55: num_meta must be a multiple"),
+    (["--num-meta", "5000"], "--num-meta 5000"),
+    (["--test-subset", "5"], "--test-subset must be at least the number of classes (10)"),
+]
+
+
+@pytest.mark.parametrize("argv,message", IMPOSSIBLE, ids=[" ".join(a) for a, _ in IMPOSSIBLE])
+def test_impossible_settings_are_refused_and_leave_nothing(tmp_path, data_dir, argv, message, capsys):
+    out = tmp_path / "run"
+    base = ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--arch", "small-cnn", "--num-meta", "50",
+            "--device", "cpu", "--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        train_main([*base, *argv])
+    assert message in str(stop.value.code)
+    assert not out.exists()
+
+
+def test_missing_data_is_one_sentence_and_creates_nothing(tmp_path, capsys):
+    data, out = tmp_path / "nowhere", tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--dataset", "fashion-mnist", "--data-dir", str(data), "--out", str(out), "--device", "cpu"])
+    assert "not found under" in str(stop.value.code)
+    assert not data.exists() and not out.exists()
+
+
+def test_offline_cifar_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(*_args, **_kw):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError) as err:
+        datasets.load_cifar(str(root), "cifar10", download_missing=True)
+    message = str(err.value)
+    assert "cannot download" in message and str(root / "cifar-10-python.tar.gz") in message
+    assert "\n" not in message and not root.exists()
+
+
+def test_run_directory_is_owned_by_one_run(tmp_path, data_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from aaa_fast.runtime import RunDirLock; "
+                               f"lock = RunDirLock({str(out)!r}); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "-m", "aaa_fast.train", *QUICK, "--data-dir", data_dir, "--method",
+                                 "erm", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+        assert second.returncode == 2
+        assert f"is in use by run pid {holder.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert sorted(os.listdir(out)) == [".lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait()
+    lock = RunDirLock(str(out))  # so nothing stale blocks the next run or a --resume
+    lock.release()
+
+
+def test_resume_follows_the_data_not_its_path_and_extends_a_finished_run(tmp_path, data_dir):
+    out = tmp_path / "run"
+    args = [*QUICK, "--epochs", "1", "--method", "trades", "--out", str(out), "--test-subset", "20"]
+    first = subprocess.run([sys.executable, "-m", "aaa_fast.train", *args, "--data-dir", data_dir],
+                           capture_output=True, text=True, env=ENV, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    moved = tmp_path / "moved-data"
+    shutil.copytree(data_dir, moved)
+    changed = subprocess.run([sys.executable, "-m", "aaa_fast.train", *args, "--data-dir", str(moved) + "/",
+                              "--lr", "0.01", "--resume"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert changed.returncode == 2 and "--lr (was 0.05, now 0.01)" in changed.stderr
+    more = [a if a != "1" or args[i - 1] != "--epochs" else "2" for i, a in enumerate(args)]
+    extended = subprocess.run([sys.executable, "-m", "aaa_fast.train", *more, "--data-dir", str(moved) + "/",
+                               "--resume"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    assert "resuming" in extended.stderr and "the end of epoch 1 of 2" in extended.stderr
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # cosine over the new total: the lr after epoch 1 of 2 is lr * cos-factor(steps of 1 epoch)
+    steps = epoch_steps(250, 64)
+    assert float(rows[1]["lr"]) == pytest.approx(0.05 * lr_factor("step", 2 * steps)(2 * steps))
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+def test_evaluate_reproduces_final_json_with_a_test_subset(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "aaa_fast.train", *QUICK, "--epochs", "1", "--method", "pgd-at",
+                          "--data-dir", data_dir, "--out", str(out), "--test-subset", "30"],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", str(out / "checkpoint.pt"),
+                            "--device", "cpu", "--json", str(tmp_path / "again.json")],
+                           capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "found in sys.modules" not in again.stderr
+    final, redone = json.loads((out / "final.json").read_text()), json.loads((tmp_path / "again.json").read_text())
+    for key in ("clean_acc", "pgd_acc", "classwise_clean_acc", "classwise_pgd_acc", "worst_rob_err"):
+        assert redone[key] == final[key], key
+
+
+def test_progress_lines_inside_epochs_and_the_final_evaluation(tmp_path, data_dir):
+    env = dict(ENV, AAA_FAST_PROGRESS_SECONDS="0")
+    run = subprocess.run([sys.executable, "-m", "aaa_fast.train", *QUICK, "--epochs", "1", "--method", "erm",
+                          "--data-dir", data_dir, "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "epoch 1/1: 1/4 (25%)" in run.stderr and "ETA" in run.stderr and "lr 0.05" in run.stderr
+    assert "PGD-2 evaluation on 100 test images: started" in run.stderr
+    assert "anti share" not in run.stdout and ", lr " in run.stdout  # erm has no anti share
+
+
+def test_unexpected_errors_end_in_one_line_without_traceback(capsys, monkeypatch):
+    def broken(_argv):
+        raise RuntimeError("unexpected pos 832 vs 726\nmore detail")
+
+    monkeypatch.delenv("AAA_FAST_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(broken)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: RuntimeError: unexpected pos 832 vs 726 (set AAA_FAST_DEBUG=1 for the traceback)"
+    monkeypatch.setenv("AAA_FAST_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        run_cli(broken)
+
+    def refuses(_argv):
+        raise SystemExit("error: --flag must be something")
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(refuses)
+    assert stop.value.code == 2 and capsys.readouterr().err == "error: --flag must be something\n"
+
+
+@pytest.mark.parametrize("n,batch,steps", [(256, 128, 2), (257, 128, 2), (258, 128, 3), (1, 128, 1), (129, 128, 1)])
+def test_a_one_row_last_batch_joins_the_one_before(n, batch, steps):
+    assert epoch_steps(n, batch) == steps
+
+
+def test_step_schedule_for_very_short_runs():
+    assert step_milestones(1) == [] and step_milestones(2) == [1] and step_milestones(100) == [50, 75]
+    assert lr_factor("step", 1)(0) == 1.0  # a 1-step run trains at the full lr
+    assert [lr_factor("step", 4)(t) for t in range(4)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.01)]
+
+
+def test_cosine_factor_matches_torch_cosine_annealing():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    factor = lr_factor("cosine", 10)
+    for t in range(10):
+        assert factor(t) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        sched.step()
+    assert factor(10) == pytest.approx(0.0) and math.isfinite(factor(12))
+
+
+# --- the library API ---------------------------------------------------------------------------
+
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("small-cnn", num_classes=10, in_channels=1)
+
+
+@pytest.mark.parametrize("transform,shown", [(lambda x: x * 255, ", 255]"), (lambda x: x - 2, "[-2"),
+                                            (lambda x: torch.where(x > 0.5, torch.nan, x), "nan")])
+def test_perturb_refuses_images_outside_the_box(transform, shown):
+    x, y = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"x must hold images in \[0.0, 1.0\]") as err:
+        perturb(tiny_model(), transform(x), y, eps=0.1, steps=1)
+    assert shown in str(err.value) and "Normalize" in str(err.value)
+
+
+def test_adversarial_pair_and_trainer_refuse_images_outside_the_box():
+    from aaa_fast import adversarial_pair
+
+    model = tiny_model()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="pixel space"):
+        adversarial_pair(model, x * 255, y, steps=1)
+    trainer = AAATrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         config=AAAConfig(method="trades", num_classes=10, eps=0.1, steps=1))
+    with pytest.raises(ValueError, match="pixel space"):
+        trainer.step(x * 255, y)
+    trainer.step((x * 255).to(torch.uint8), y)  # uint8 images are scaled by the trainer itself
+
+
+def overlapping_views(shift: int):
+    buffer = torch.rand(2 * 3 * 4 * 4 + shift)
+    return buffer[shift:].view(2, 3, 4, 4), buffer[:buffer.numel() - shift].view(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("backend", ops.available_backends())
+@pytest.mark.parametrize("which", ["x_nat", "grad"])
+def test_op_refuses_partially_overlapping_arguments(backend, which):
+    ops.set_backend(backend)
+    x_adv, other = overlapping_views(1)
+    grad, x_nat = torch.randn(2, 3, 4, 4), x_adv.clone()
+    args = dict(x_nat=other, grad=grad) if which == "x_nat" else dict(x_nat=x_nat, grad=other)
+    with pytest.raises(ValueError, match=f"{which} overlaps x_adv's memory"):
+        ops.pgd_step_(x_adv, args["x_nat"], args["grad"], 1, 0.1, 0.01)
+
+
+@pytest.mark.parametrize("backend", ops.available_backends())
+def test_op_accepts_x_nat_that_is_x_adv_and_disjoint_views(backend):
+    ops.set_backend(backend)
+    buffer = torch.rand(2, 2, 3, 4, 4)
+    x_adv, x_nat, grad = buffer[0], buffer[1], torch.randn(2, 3, 4, 4)
+    expected = ops.pgd_step_reference(x_adv, x_nat, grad, torch.ones(2), torch.full((2,), 0.1), torch.full((2,), 0.01))
+    assert torch.equal(ops.pgd_step_(x_adv, x_nat, grad, 1, 0.1, 0.01), expected)
+    same = torch.rand(2, 3, 4, 4)
+    expected = ops.pgd_step_reference(same, same, grad, torch.ones(2), torch.full((2,), 0.1), torch.full((2,), 0.01))
+    assert torch.equal(ops.pgd_step_(same, same, grad, 1, 0.1, 0.01), expected)
