@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
-from .data import (DATASETS, NOISE_KINDS, DatasetError, build_scenario, load_dataset,
+from .data import (CLASS_NAMES, DATASETS, NOISE_KINDS, DatasetError, build_scenario, load_dataset,
                    random_crop_flip)
 from .evaluation import evaluate_split, final_evaluation, final_test_set, format_final, model_for
 from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint's model weights")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log scalars (per step and per epoch) to OUT/tensorboard (needs the tensorboard package)")
     g.add_argument("--progress", default="auto", choices=["auto", "bar", "lines"],
                    help="bar (tqdm), or lines every ~30 s (for logs); auto: bar on a terminal")
     return p
@@ -326,36 +328,50 @@ class StopRequested:
         print(f"\nreceived signal {signum}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
 
 
-def make_plots(out: str, history: list[dict], final: dict) -> None:
+def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namespace, test_size: int) -> None:
+    """curves.png (loss, lr, test accuracy per epoch) and classwise.png (final accuracy per class)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    run = f"{args.method} on {args.dataset} ({args.arch}, seed {args.seed}), training eps {args.eps:.4g}"
+    pgd = f"PGD-{args.eval_steps}, eps {args.eval_eps:.4g}"
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["loss"] for h in history], label="training loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    evald = [h for h in history if h.get("test_clean_acc") not in (None, "")]
-    ax2.plot([h["epoch"] for h in evald], [h["test_clean_acc"] for h in evald], marker="o", label="clean")
-    ax2.plot([h["epoch"] for h in evald], [h["test_pgd_acc"] for h in evald], marker="o", label="PGD")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("test accuracy (%)")
-    ax2.legend()
+    fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_loss.plot(epochs, [h["loss"] for h in history], marker="o", label="training loss")
+    ax_loss.set_ylabel("training loss")
+    ax_lr.plot(epochs, [h["lr"] for h in history], marker="o", color="tab:gray")
+    ax_lr.set_ylabel("learning rate (end of epoch)")
+    evaluated = [h for h in history if h.get("test_clean_acc") not in (None, "")]
+    sub = f"first {min(args.eval_subset, test_size)} test images"
+    ax_acc.plot([h["epoch"] for h in evaluated], [h["test_clean_acc"] for h in evaluated], marker="o", label="clean")
+    ax_acc.plot([h["epoch"] for h in evaluated], [h["test_pgd_acc"] for h in evaluated], marker="s", label=pgd)
+    ax_acc.set_ylabel(f"test accuracy (%), {sub}")
+    ax_acc.legend(loc="lower right", fontsize="small")
+    for ax in (ax_loss, ax_lr, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # whole epochs, a 1-epoch run included
+        ax.grid(alpha=0.3)
+    fig.suptitle(run)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     plt.close(fig)
+
     nat, rob = final["classwise_clean_acc"], final["classwise_pgd_acc"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(nat)), 4))
-    idx = torch.arange(len(nat)).float()
-    ax.bar((idx - 0.2).tolist(), nat, width=0.4, label="clean")
-    ax.bar((idx + 0.2).tolist(), rob, width=0.4, label="PGD")
-    ax.set_xlabel("class")
+    names = CLASS_NAMES.get(args.dataset, [str(k) for k in range(len(nat))])
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(nat)), 4.5))
+    idx = list(range(len(nat)))
+    ax.bar([k - 0.2 for k in idx], nat, width=0.4, label="clean")
+    ax.bar([k + 0.2 for k in idx], rob, width=0.4, label=pgd)
+    ax.set_xticks(idx, names, rotation=45 if len(nat) <= 20 else 90, ha="right", fontsize="small")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"worst class: clean {min(nat):.1f}%, PGD {min(rob):.1f}%")
-    ax.legend()
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{run}\nfinal, {test_size} test images; worst class: clean {min(nat):.1f}%, PGD {min(rob):.1f}%",
+                 fontsize="medium")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside the bars
     fig.tight_layout()
     fig.savefig(os.path.join(out, "classwise.png"), dpi=100)
     plt.close(fig)
@@ -373,6 +389,12 @@ def train(args: argparse.Namespace) -> dict:
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
     if device.type == "cpu":
         keep_cpu_memory()
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or pip install 'aaa_fast[tensorboard]')") from None
     try:  # data first: a run that cannot get its data leaves nothing behind
         data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and par.main)
     except DatasetError as exc:
@@ -391,7 +413,7 @@ def train(args: argparse.Namespace) -> dict:
     # what decides the results: the settings (not where the data lives, not --epochs, which a resume
     # may raise to extend a run) and the data's content
     run_config = {k: v for k, v in vars(args).items()
-                  if k not in ("resume", "progress", "init", "out", "data_dir", "epochs")}
+                  if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard")}
     run_config.update(world_size=par.world, data_fingerprint=data.fingerprint())
     chash = config_hash(run_config)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -460,6 +482,10 @@ def train(args: argparse.Namespace) -> dict:
             json.dump(dict(run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=chash, scenario=scenario.info, device=str(device),
                            torch=torch.__version__), f, indent=2)
     use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
+    board = None
+    if args.tensorboard and par.main:  # purge_step: a resumed run overwrites what followed its checkpoint
+        board = SummaryWriter(os.path.join(args.out, "tensorboard"),
+                              purge_step=start_epoch * steps_per_epoch + (position["step"] if position else 0))
     stopper = StopRequested()
 
     def checkpoint(epochs_done: int, position: dict | None = None) -> None:
@@ -515,6 +541,11 @@ def train(args: argparse.Namespace) -> dict:
                     sums["meta_steps"] += 1
                     sums["meta_grad_norm"] += stats["meta_grad_norm"]
                 choices.add(idx, *trainer.last_choice)
+            if board is not None:
+                step_no = epoch * steps_per_epoch + i + 1
+                board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
+                for key in ("loss", "natural", "boundary", "anti", "frac_anti"):
+                    board.add_scalar(f"step/{key}", stats[key], step_no)
             if use_bar and par.main:
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             elif lines is not None:
@@ -553,6 +584,11 @@ def train(args: argparse.Namespace) -> dict:
                 writer.writerows(history)
             acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
                    if row["test_clean_acc"] != "" else "")
+            if board is not None:
+                for key, value in row.items():
+                    if key != "epoch" and isinstance(value, (int, float)):
+                        board.add_scalar(f"epoch/{key}", value, epoch + 1)
+                board.flush()
             anti = f", anti share {row['frac_anti']:.2f}" if args.method in AAA_METHODS else ""
             print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
                   f"lr {optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
@@ -564,7 +600,11 @@ def train(args: argparse.Namespace) -> dict:
     if par.main:
         with open(os.path.join(args.out, "final.json"), "w") as f:
             json.dump(final, f, indent=2)
-        make_plots(args.out, history, final)
+        make_plots(args.out, history, final, args, test_size=test_y.shape[0])
+        if board is not None:
+            for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err"):
+                board.add_scalar(f"final/{key}", final[key], args.epochs)
+            board.close()
         print(format_final(final), flush=True)
     par.close()
     return final

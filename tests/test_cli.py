@@ -172,3 +172,20 @@ def test_oracle_needs_label_noise(tmp_path, data_dir):
     res = run_cli([*QUICK, "--data-dir", data_dir, "--method", "aaa-oracle", "--out", str(tmp_path / "o")],
                   check=False)
     assert res.returncode != 0 and "needs --label-noise" in res.stderr
+
+
+def test_tensorboard_logs_match_metrics_csv(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run_cli([*QUICK, "--data-dir", data_dir, "--method", "aaa", "--out", str(out), "--tensorboard"])
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    steps = [e.step for e in events.Scalars("step/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 2 * 4  # 250 images / 64 per step, 2 epochs
+    for key in ("test_pgd_acc", "frac_anti", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"epoch/{key}")]
+        assert logged == [(int(r["epoch"]), pytest.approx(float(r[key]), rel=1e-6)) for r in rows], key
+    final = json.loads((out / "final.json").read_text())
+    assert events.Scalars("final/pgd_acc")[0].value == pytest.approx(final["pgd_acc"], rel=1e-6)

@@ -23,6 +23,12 @@ import torch
 from torch import Tensor
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# label names in label order, for plots (CIFAR-100's 100 fine labels are shown as numbers)
+CLASS_NAMES = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
