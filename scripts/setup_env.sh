@@ -10,7 +10,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
     source .venv/bin/activate
 fi
 pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
-python -c "import torch" 2>/dev/null || pip_q "${TORCH_SPEC:-torch==2.13.0}"
+# numpy with torch, so that torch is never imported without it (torch warns "Failed to initialize NumPy")
+python -c "import numpy, torch" 2>/dev/null || pip_q "${TORCH_SPEC:-torch==2.13.0}" "numpy>=1.23"
 python -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
 pip_q -r requirements-dev.txt
 # torchattacks (a test oracle) asks for torchvision, which has no CPU build here and is unused

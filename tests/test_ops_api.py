@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import BACKEND_DEVICE_IDS, BACKEND_DEVICES
 
 from aaa_fast import ops
 from aaa_fast.ops import pgd_step, pgd_step_, random_init
@@ -122,8 +123,8 @@ def test_opcheck(op_name):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend", ops.available_backends())
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_torch_compile_fullgraph(backend, device):
     ops.set_backend(backend)
     torch._dynamo.reset()
 
@@ -133,8 +134,9 @@ def test_torch_compile_fullgraph(backend):
         pgd_step_(x_adv, x_nat, -grad, direction, eps, 0.02, norm="l2")
         return x_adv + 0
 
-    x = torch.rand(4, 3, 6, 6)
-    args = (x.clone(), x, torch.randn_like(x), torch.tensor([1.0, -1.0, 0.0, 1.0]), torch.full((4,), 0.05))
+    x = torch.rand(4, 3, 6, 6, device=device)  # each backend on its own device (triton: cuda, or cpu interpreted)
+    args = (x.clone(), x, torch.randn_like(x), torch.tensor([1.0, -1.0, 0.0, 1.0], device=device),
+            torch.full((4,), 0.05, device=device))
     compiled = torch.compile(attack_steps, fullgraph=True)
     if backend == "torch":  # inductor fuses the reference and may contract a*b+c into an FMA
         torch.testing.assert_close(compiled(*args), attack_steps(*args), atol=1e-6, rtol=0)
@@ -167,3 +169,38 @@ def test_env_var_selects_backend_in_fresh_process():
     env = dict(os.environ, AAA_FAST_BACKEND="torch")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "torch"
+
+
+def test_a_tensor_argument_is_checked_again_after_an_in_place_change():
+    kw = good(4)
+    eps = torch.full((4,), 0.05)
+    pgd_step_(kw["x_adv"], kw["x_nat"], kw["grad"], 1, eps, 0.01)  # valid: remembered
+    pgd_step_(kw["x_adv"], kw["x_nat"], kw["grad"], 1, eps, 0.01)  # served from the cache
+    eps[2] = float("nan")  # bumps the version counter
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        pgd_step_(kw["x_adv"], kw["x_nat"], kw["grad"], 1, eps, 0.01)
+    direction = torch.ones(4)
+    pgd_step_(kw["x_adv"], kw["x_nat"], kw["grad"], direction, 0.05, 0.01)
+    with torch.no_grad():
+        direction.mul_(2)
+    with pytest.raises(ValueError, match="direction must be -1, 0 or \\+1"):
+        pgd_step_(kw["x_adv"], kw["x_nat"], kw["grad"], direction, 0.05, 0.01)
+
+
+def test_a_validated_tensor_as_another_argument_is_checked_for_that_role():
+    kw = good(2)
+    signs = torch.tensor([-1.0, 1.0])
+    pgd_step_(kw["x_adv"], kw["x_nat"], kw["grad"], signs, 0.05, 0.01)  # valid as a direction
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        pgd_step_(kw["x_adv"], kw["x_nat"], kw["grad"], 1, signs, 0.01)  # not as a bound
+
+
+def test_backend_cache_follows_set_backend_and_the_environment(monkeypatch):
+    cpu = torch.device("cpu")
+    default = ops.get_backend(cpu)
+    ops.set_backend("torch")
+    assert ops.get_backend(cpu) == "torch"
+    ops.set_backend(None)
+    assert ops.get_backend(cpu) == default
+    monkeypatch.setenv("AAA_FAST_BACKEND", "torch")
+    assert ops.get_backend(cpu) == "torch"

@@ -1,13 +1,15 @@
 """Public face of the fused PGD step: argument checks, layout handling, backend dispatch."""
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from numbers import Real
 
 import torch
 from torch import Tensor
 
-from .backends import get_backend
+from .backends import get_backend, triton_module
 from .reference import pgd_step_reference
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -29,11 +31,42 @@ def _check_norm_bounds(norm: str, lo: float, hi: float) -> None:
         raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
 
 
+class _ValidatedTensors:
+    """Tensors whose values already passed a check, by identity and version counter: a tensor
+    reused across calls unchanged (the usual eps/alpha/direction of an attack loop) is checked
+    once, not with a few kernels and a host synchronisation on every call. An in-place change
+    bumps the version and brings the check back."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[weakref.ref, int, int, str]] = {}
+
+    def _key(self, t: Tensor, check: str):
+        return t._version, t.data_ptr(), check
+
+    def known(self, t: Tensor, check: str) -> bool:
+        entry = self._seen.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1:] == self._key(t, check)
+
+    def add(self, t: Tensor, check: str) -> None:
+        ident = id(t)
+        self._seen[ident] = (weakref.ref(t, lambda _, ident=ident: self._seen.pop(ident, None)), *self._key(t, check))
+
+
+VALIDATED = _ValidatedTensors()
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(value: float, n: int, device: torch.device) -> Tensor:
+    """A float32 (n,) tensor of `value`, made once: the kernels only read it."""
+    return torch.full((n,), value, dtype=torch.float32, device=device)
+
+
 def per_sample(name: str, value, n: int, device: torch.device, *, nonneg: bool) -> tuple[Tensor, Tensor | None]:
     """`value` (a number, a 0-d or an (N,) tensor) as a float32 (N,) tensor on `device`.
 
-    Returns the tensor and, for tensor input, a boolean 0-d tensor flagging bad values, so
-    callers can check all flags with a single device synchronisation.
+    Returns the tensor and, for tensor input not validated before, a boolean 0-d tensor flagging
+    bad values, so callers can check all flags with a single device synchronisation (and then
+    `remember_valid` it). Numbers are checked on the host and become cached constant tensors.
     """
     if isinstance(value, Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
@@ -42,7 +75,11 @@ def per_sample(name: str, value, n: int, device: torch.device, *, nonneg: bool) 
             raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real (integer or float) tensor, got {value.dtype}")
-        v = value.to(torch.float32).expand(n).contiguous()
+        ready = value.dtype == torch.float32 and value.dim() == 1 and value.is_contiguous()
+        v = value if ready else value.to(torch.float32).expand(n).contiguous()
+        check = "nonneg" if nonneg else "sign"
+        if not torch.compiler.is_compiling() and VALIDATED.known(value, check):
+            return v, None
         bad = ~torch.isfinite(v) | (v < 0) if nonneg else (v != 0) & (v != 1) & (v != -1)
         return v, bad.any()
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -52,7 +89,9 @@ def per_sample(name: str, value, n: int, device: torch.device, *, nonneg: bool) 
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     if not nonneg and value not in (-1.0, 0.0, 1.0):
         raise ValueError(f"{name} must be -1, 0 or +1, got {value}")
-    return torch.full((n,), value, dtype=torch.float32, device=device), None
+    if torch.compiler.is_compiling():
+        return torch.full((n,), value, dtype=torch.float32, device=device), None
+    return _constant(value, n, device), None
 
 
 def raise_on_flags(flags: dict[str, Tensor | None], expected: dict[str, str]) -> None:
@@ -115,7 +154,7 @@ def prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi):
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal x_adv shape {tuple(x_adv.shape)}")
         if t.device != x_adv.device:
             raise ValueError(f"{name} is on {t.device} but x_adv is on {x_adv.device}")
-        if _partially_overlaps(x_adv, t):
+        if not torch.compiler.is_compiling() and _partially_overlaps(x_adv, t):
             raise ValueError(f"{name} overlaps x_adv's memory at a different offset or layout (views of one buffer); "
                              "the in-place step would read values it already wrote: pass separate tensors")
     _check_norm_bounds(norm, lo, hi)
@@ -128,6 +167,10 @@ def prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi):
         {"direction": "-1, 0 or +1 in every row", "eps": "finite and >= 0 in every row",
          "alpha": "finite and >= 0 in every row"},
     )
+    if not torch.compiler.is_compiling():
+        for value, bad, check in ((direction, d_bad, "sign"), (eps, e_bad, "nonneg"), (alpha, a_bad, "nonneg")):
+            if bad is not None:
+                VALIDATED.add(value, check)
     return d, e, a
 
 
@@ -142,8 +185,10 @@ def launch_pgd_step_(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi) ->
             return x_adv.copy_(pgd_step_reference(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi))
         work = x_adv if _batch_major(x_adv) else x_adv.contiguous()
         x_nat, grad = _in_layout_of(work, x_nat), _in_layout_of(work, grad)
-        if backend == "triton":
+        if backend == "triton" and torch.compiler.is_compiling():  # the custom op, which the compiler traces
             torch.ops.aaa_fast.pgd_step_triton_.default(work, x_nat, grad, direction, eps, alpha, norm, lo, hi)
+        elif backend == "triton":  # eager: launch directly, without the custom op's dispatch cost
+            triton_module().launch_pgd_step(work, x_nat, grad, direction, eps, alpha, norm, lo, hi)
         else:
             torch.ops.aaa_fast.pgd_step_.default(work, x_nat, grad, direction, eps, alpha, norm, lo, hi)
         return x_adv if work is x_adv else x_adv.copy_(work)

@@ -14,11 +14,18 @@ _chosen: str | None = None
 
 
 @functools.cache
+def triton_module():
+    """aaa_fast.ops.triton_kernels (importing it registers the Triton op), or None without Triton."""
+    try:
+        from . import triton_kernels
+    except Exception:  # noqa: BLE001 - any import failure means the backend is unusable
+        return None
+    return triton_kernels
+
+
 def triton_usable() -> bool:
     """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
-    try:
-        from . import triton_kernels  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means the backend is unusable
+    if triton_module() is None:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -53,12 +60,18 @@ def set_backend(name: str | None) -> None:
             + (f" (native extension: {native.LOAD_ERROR})" if native.LOAD_ERROR else "")
         )
     _chosen = name
+    _backend_for.cache_clear()
 
 
 @torch.compiler.assume_constant_result
 def get_backend(device: torch.device) -> str:
-    """The backend a call on `device` uses: the forced one, else the fastest available."""
-    name = _chosen or os.environ.get(ENV_VAR) or None
+    """The backend a call on `device` uses: the forced one, else the fastest available. Cached per
+    (device, forced choice, $AAA_FAST_BACKEND, $TRITON_INTERPRET); set_backend clears the cache."""
+    return _backend_for(device, _chosen or os.environ.get(ENV_VAR) or None, os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.lru_cache(maxsize=64)
+def _backend_for(device: torch.device, name: str | None, _interpret: str | None) -> str:
     if name is not None:
         if name not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")

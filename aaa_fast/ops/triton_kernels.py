@@ -91,6 +91,22 @@ def _pgd_l2_kernel(x_adv_ptr, x_nat_ptr, grad_ptr, dir_ptr, eps_ptr, alpha_ptr, 
         tl.store(x_adv_ptr + base + offs, _round_to(out, x_adv_ptr.dtype.element_ty), mask=mask)
 
 
+def launch_pgd_step(x_adv, x_nat, grad, direction, eps, alpha, norm: str, lo: float, hi: float) -> None:
+    """Launch the kernel on validated arguments. Eager callers use this directly: the custom op
+    below adds ~90 us of dispatch per call on torch 2.13; torch.compile traces the op."""
+    n = x_adv.shape[0]
+    if x_adv.numel() == 0:
+        return
+    s = x_adv.numel() // n
+    if triton.cdiv(s, LINF_BLOCK) > 65535:
+        raise ValueError(f"triton backend: a sample has {s} elements, more than {65535 * LINF_BLOCK}")
+    args = (x_adv, x_nat, grad, direction, eps, alpha, s, lo, hi)
+    if norm == "linf":
+        _pgd_linf_kernel[(n, triton.cdiv(s, LINF_BLOCK))](*args, BLOCK=LINF_BLOCK)
+    else:
+        _pgd_l2_kernel[(n,)](*args, BLOCK=L2_BLOCK)
+
+
 @torch.library.custom_op("aaa_fast::pgd_step_triton_", mutates_args={"x_adv"})
 def pgd_step_triton_(
     x_adv: torch.Tensor,
@@ -103,17 +119,7 @@ def pgd_step_triton_(
     lo: float,
     hi: float,
 ) -> None:
-    n = x_adv.shape[0]
-    if x_adv.numel() == 0:
-        return
-    s = x_adv.numel() // n
-    if triton.cdiv(s, LINF_BLOCK) > 65535:
-        raise ValueError(f"triton backend: a sample has {s} elements, more than {65535 * LINF_BLOCK}")
-    args = (x_adv, x_nat, grad, direction, eps, alpha, s, lo, hi)
-    if norm == "linf":
-        _pgd_linf_kernel[(n, triton.cdiv(s, LINF_BLOCK))](*args, BLOCK=LINF_BLOCK)
-    else:
-        _pgd_l2_kernel[(n,)](*args, BLOCK=L2_BLOCK)
+    launch_pgd_step(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi)
 
 
 pgd_step_triton_.register_fake(pgd_step_fake)
