@@ -5,7 +5,9 @@ For N in {128, 512, 2048} samples of 3x32x32, fp32 and bf16, times:
 - compiled: torch.compile of that reference;
 - add: torch.add(a, b, out=c), three memory streams: the practical bandwidth ceiling;
 - each native backend available here (cpu / cuda / triton), in place, on validated arguments,
-  and the public pgd_step_ with its argument checks.
+  and the public pgd_step_ with its argument checks, given (N,) tensors or Python numbers (the
+  difference to the fused kernel is the public op's host overhead; use a small N, e.g. --sizes 8,
+  to see it alone).
 A step moves 4 streams (read x_adv, x_nat, grad; write x_adv). GB/s counts those bytes.
 
     python benchmarks/bench_ops.py [--sizes 128 512 2048] [--dtypes float32 bfloat16] [--device cpu]
@@ -61,6 +63,7 @@ def bench_case(n: int, dtype: torch.dtype, device: torch.device, min_run_time: f
         d, e, a = prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, "linf", 0.0, 1.0)
         rows.append((f"{backend} fused kernel", lambda: launch_pgd_step_(x_adv, x_nat, grad, d, e, a, "linf", 0.0, 1.0), nbytes_step))
         rows.append((f"{backend} public pgd_step_", lambda: ops.pgd_step_(x_adv, x_nat, grad, direction, eps, alpha), nbytes_step))
+        rows.append((f"{backend} public, numbers", lambda: ops.pgd_step_(x_adv, x_nat, grad, 1, 8 / 255, 2 / 255), nbytes_step))
     results = []
     for backend_name, fn, nbytes in rows:
         if "fused" in backend_name or "public" in backend_name:
