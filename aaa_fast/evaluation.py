@@ -98,17 +98,26 @@ def model_for(arch: str, data, device) -> torch.nn.Module:
                        std=std).to(device)
 
 
-def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label: str | None = None) -> dict:
+def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label: str | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> dict:
     """classwise_accuracy with a run's evaluation settings (args: eval_eps, eval_steps, batch_size,
-    amp), as the summary dict plus per-class accuracies. With `progress_label`, progress lines."""
+    amp), as the summary dict plus per-class accuracies. With `progress_label`, progress lines;
+    `on_batch(rows done)` after every batch (e.g. to stop on a signal)."""
     lines = None
     if progress_label:
         print(f"{progress_label}: started", file=sys.stderr, flush=True)
         lines = ProgressLines(progress_label, y.shape[0])
+
+    def after_batch(done: int) -> None:
+        if lines is not None:
+            lines.update(done)
+        if on_batch is not None:
+            on_batch(done)
+
     result = classwise_accuracy(model, x, y, num_classes, eps=args.eval_eps, steps=args.eval_steps,
                                 alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=AMP[args.amp],
                                 generator=torch.Generator(device=device).manual_seed(seed), device=device,
-                                on_batch=lines.update if lines else None)
+                                on_batch=after_batch)
     out = result.summary()
     out["classwise_clean_acc"] = (100 * result.nat_acc).tolist()
     out["classwise_pgd_acc"] = (100 * result.rob_acc).tolist()
@@ -125,13 +134,14 @@ def final_test_set(data, test_subset: int | None, device) -> tuple[Tensor, Tenso
     return x.to(device), y.to(device)
 
 
-def final_evaluation(model, data, args, device, progress: bool = False) -> dict:
+def final_evaluation(model, data, args, device, progress: bool = False,
+                     on_batch: Callable[[int], None] | None = None) -> dict:
     """The run's final.json numbers: train's last step and `python -m aaa_fast.evaluate` both call
     this. `progress`: lines with rate and ETA (images) while it runs."""
     test_x, test_y = final_test_set(data, args.test_subset, device)
     label = f"PGD-{args.eval_steps} evaluation on {test_y.shape[0]} test images" if progress else None
     result = evaluate_split(model, test_x, test_y, data.num_classes, args, device,
-                            seed=args.seed + FINAL_EVAL_SEED_OFFSET, progress_label=label)
+                            seed=args.seed + FINAL_EVAL_SEED_OFFSET, progress_label=label, on_batch=on_batch)
     if args.autoattack:
         result["autoattack_acc"] = autoattack_accuracy(model, test_x, test_y, args)
     return result

@@ -593,7 +593,16 @@ def train(args: argparse.Namespace) -> dict:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
                   f"lr {optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
 
-    final = final_evaluation(model, data, args, device, progress=par.main and not use_bar)
+    def stop_during_evaluation(_done: int) -> None:
+        if stopper.requested:  # training is saved; only the evaluation is lost, and --resume redoes it
+            if par.main:
+                print(f"stopped during the final evaluation; training is complete in {ckpt_path}; "
+                      "--resume redoes the evaluation", file=sys.stderr, flush=True)
+            par.close()
+            raise SystemExit(130)
+
+    final = final_evaluation(model, data, args, device, progress=par.main and not use_bar,
+                             on_batch=stop_during_evaluation)
     final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
                  scenario=scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
                  diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})

@@ -303,3 +303,28 @@ def test_op_accepts_x_nat_that_is_x_adv_and_disjoint_views(backend):
     same = torch.rand(2, 3, 4, 4)
     expected = ops.pgd_step_reference(same, same, grad, torch.ones(2), torch.full((2,), 0.1), torch.full((2,), 0.01))
     assert torch.equal(ops.pgd_step_(same, same, grad, 1, 0.1, 0.01), expected)
+
+
+def test_sigterm_during_the_final_evaluation_stops_and_resume_redoes_it(tmp_path):
+    import signal
+    import time
+
+    from fake_data import fake_fashion_mnist
+
+    data = fake_fashion_mnist(str(tmp_path / "data"), n_train=300, n_test=1200)
+    out = tmp_path / "run"
+    args = [*QUICK, "--epochs", "1", "--method", "erm", "--data-dir", data, "--out", str(out), "--eval-steps", "10"]
+    proc = subprocess.Popen([sys.executable, "-m", "aaa_fast.train", *args], stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stderr:
+        if "evaluation on 1200 test images: started" in line:
+            sent = time.time()
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert time.time() - sent < 30  # within a batch, not after the whole evaluation
+    assert "stopped during the final evaluation" in rest and not (out / "final.json").exists()
+    done = subprocess.run([sys.executable, "-m", "aaa_fast.train", *args, "--resume"], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(finished: 1 epochs)" in done.stderr and (out / "final.json").exists()
