@@ -235,6 +235,20 @@ def describe_position(state: dict, epochs: int) -> str:
     return where + (f" of {epochs}" if state["epoch"] < epochs else f" (finished: {epochs} epochs)")
 
 
+def batch_rows(order, i: int, steps: int, batch_size: int, world: int):
+    """The training rows of step i (of `steps`) across all ranks. The last step takes what is left
+    (see epoch_steps). Under torchrun the rows are padded by wrapping around the epoch's order, as
+    DistributedSampler does, to a multiple of the ranks with at least 2 rows each: no rank gets
+    an empty or one-row batch, and all ranks do the same number of steps."""
+    end = order.shape[0] if i == steps - 1 else (i + 1) * batch_size
+    rows = order[i * batch_size:end]
+    if world > 1:
+        need = max(2 * world, -(-rows.shape[0] // world) * world)
+        if rows.shape[0] < need:
+            rows = torch.cat([rows, order[torch.arange(need - rows.shape[0], device=order.device) % order.shape[0]]])
+    return rows
+
+
 def epoch_steps(n: int, batch_size: int) -> int:
     """Steps per epoch. A last batch of one row (BatchNorm cannot train on it) joins the one before."""
     return math.ceil(n / batch_size) - (1 if n > batch_size and n % batch_size == 1 else 0)
@@ -519,8 +533,7 @@ def train(args: argparse.Namespace) -> dict:
         elif par.main:
             lines = ProgressLines(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch, first_step)
         for i in batches:
-            end = train_y.shape[0] if i == steps_per_epoch - 1 else (i + 1) * args.batch_size
-            idx = order[i * args.batch_size:end][par.rank::par.world]
+            idx = batch_rows(order, i, steps_per_epoch, args.batch_size, par.world)[par.rank::par.world]
             x = train_x[idx]
             if augment:
                 x = random_crop_flip(x, generator=augment_gen)

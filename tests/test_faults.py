@@ -328,3 +328,20 @@ def test_sigterm_during_the_final_evaluation_stops_and_resume_redoes_it(tmp_path
                           env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(finished: 1 epochs)" in done.stderr and (out / "final.json").exists()
+
+
+@pytest.mark.parametrize("n,batch,world", [(130, 64, 2), (129, 64, 4), (67, 64, 4), (65, 64, 3), (10, 64, 4)])
+def test_every_rank_gets_at_least_two_rows_and_every_row_is_trained(n, batch, world):
+    from aaa_fast.train import batch_rows
+
+    order = torch.randperm(n)
+    steps = epoch_steps(n, batch)
+    seen = []
+    for i in range(steps):
+        rows = batch_rows(order, i, steps, batch, world)
+        shares = [rows[r::world] for r in range(world)]
+        assert len({s.shape[0] for s in shares}) == 1 and shares[0].shape[0] >= 2
+        seen.append(rows)
+    assert set(torch.cat(seen).tolist()) == set(range(n))
+    # a single process is never padded: exactly the epoch's rows, each once
+    assert sorted(torch.cat([batch_rows(order, i, steps, batch, 1) for i in range(steps)]).tolist()) == list(range(n))
