@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -43,10 +44,16 @@ def save_atomic(obj: dict, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(wrapped, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(wrapped, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as "unexpected pos ..."
+            free = shutil.disk_usage(directory).free
+            raise CheckpointError(f"cannot write checkpoint {path} ({len(payload) >> 20} MiB; {free >> 20} MiB free "
+                                  f"in {directory}): {str(exc).strip().splitlines()[0]}; the file it would replace "
+                                  "is kept") from None
         os.replace(tmp, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:

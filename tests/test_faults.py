@@ -345,3 +345,21 @@ def test_every_rank_gets_at_least_two_rows_and_every_row_is_trained(n, batch, wo
     assert set(torch.cat(seen).tolist()) == set(range(n))
     # a single process is never padded: exactly the epoch's rows, each once
     assert sorted(torch.cat([batch_rows(order, i, steps, batch, 1) for i in range(steps)]).tolist()) == list(range(n))
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    from aaa_fast.checkpoint import CheckpointError, load_checkpoint, save_atomic
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        path = str(disk / "checkpoint.pt")
+        save_atomic({"w": torch.arange(1000.0)}, path)
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*MiB free.*the file it would replace is kept"):
+            save_atomic({"w": torch.zeros(1_000_000)}, path)  # 4 MB into 2 MiB
+        assert os.listdir(disk) == ["checkpoint.pt"]  # no temporary file left behind
+        assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.0))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
