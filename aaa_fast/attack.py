@@ -8,6 +8,7 @@ signed, bounded update to all rows at once.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -89,11 +90,14 @@ def check_labels(y: Tensor, num_classes: int) -> None:
                              f"got values in [{lo}, {hi}]")
 
 
-def check_in_box(x: Tensor, lo: float, hi: float, name: str = "x") -> None:
+def check_in_box(x: Tensor, lo: float, hi: float, name: str = "x", *, allow_nan: bool = False) -> None:
     """Float images outside [lo, hi] are nearly always 0-255 or normalised inputs, which the
-    projection would silently clamp into the box. One host sync per call (per attack, not per step)."""
+    projection would silently clamp into the box. One host sync per call (per attack, not per step).
+    NaN is refused too, unless `allow_nan` (the trainer's non-finite-loss handling takes it)."""
     if x.numel() and not torch.compiler.is_compiling():
         x_min, x_max = torch.stack(torch.aminmax(x.detach())).float().tolist()
+        if allow_nan and (math.isnan(x_min) or math.isnan(x_max)):
+            return
         if not (lo <= x_min and x_max <= hi):  # NaN fails too
             raise ValueError(f"{name} must hold images in [{lo}, {hi}] (pixel space), got values in [{x_min:.4g}, "
                              f"{x_max:.4g}]: scale 0-255 images by 1/255 and put normalisation inside the model "

@@ -178,7 +178,7 @@ class AAATrainer:
             x = x.float() / 255
         else:
             x = x.float()
-            check_in_box(x, 0.0, 1.0)
+            check_in_box(x, 0.0, 1.0, allow_nan=True)  # NaN: the non-finite-loss path (stop or skip)
         if self.config.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True).long()

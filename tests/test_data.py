@@ -39,7 +39,7 @@ def test_cifar_reads_pickle_batches(tmp_path, name):
 
 
 def test_missing_data_says_where_and_how(tmp_path):
-    with pytest.raises(DatasetError, match=r"no cifar-10-batches-py/ under .*--download"):
+    with pytest.raises(DatasetError, match=r"no cifar-10-batches-py/ under .*Put cifar-10-python.tar.gz .*drop --no-download"):
         load_cifar(str(tmp_path), "cifar10")
     with pytest.raises(DatasetError, match="dataset-fashion-mnist"):
         load_fashion_mnist(str(tmp_path))

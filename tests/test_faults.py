@@ -131,6 +131,7 @@ def test_offline_cifar_download_says_where_to_put_the_file(tmp_path, monkeypatch
     assert "\n" not in message and not root.exists()
 
 
+@pytest.mark.slow
 def test_run_directory_is_owned_by_one_run(tmp_path, data_dir):
     out = tmp_path / "run"
     out.mkdir()
@@ -151,6 +152,7 @@ def test_run_directory_is_owned_by_one_run(tmp_path, data_dir):
     lock.release()
 
 
+@pytest.mark.slow
 def test_resume_follows_the_data_not_its_path_and_extends_a_finished_run(tmp_path, data_dir):
     out = tmp_path / "run"
     args = [*QUICK, "--epochs", "1", "--method", "trades", "--out", str(out), "--test-subset", "20"]
@@ -175,6 +177,7 @@ def test_resume_follows_the_data_not_its_path_and_extends_a_finished_run(tmp_pat
     assert json.loads((out / "final.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_final_json_with_a_test_subset(tmp_path, data_dir):
     out = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "aaa_fast.train", *QUICK, "--epochs", "1", "--method", "pgd-at",
@@ -191,6 +194,7 @@ def test_evaluate_reproduces_final_json_with_a_test_subset(tmp_path, data_dir):
         assert redone[key] == final[key], key
 
 
+@pytest.mark.slow
 def test_progress_lines_inside_epochs_and_the_final_evaluation(tmp_path, data_dir):
     env = dict(ENV, AAA_FAST_PROGRESS_SECONDS="0")
     run = subprocess.run([sys.executable, "-m", "aaa_fast.train", *QUICK, "--epochs", "1", "--method", "erm",
@@ -305,6 +309,7 @@ def test_op_accepts_x_nat_that_is_x_adv_and_disjoint_views(backend):
     assert torch.equal(ops.pgd_step_(same, same, grad, 1, 0.1, 0.01), expected)
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_stops_and_resume_redoes_it(tmp_path):
     import signal
     import time

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from aaa_fast.evaluate import ClasswiseResult, classwise_accuracy
+from aaa_fast.evaluation import ClasswiseResult, classwise_accuracy
 from aaa_fast.models import ARCHS, build_model
 
 

@@ -15,6 +15,8 @@ from aaa_fast.checkpoint import CheckpointError, load_checkpoint, load_newest, p
 
 from test_cli import ENV, QUICK
 
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI: minutes in all
+
 RUN = [*QUICK, "--epochs", "3", "--method", "aaa"]
 
 
