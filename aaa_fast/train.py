@@ -30,7 +30,7 @@ from .data import (CLASS_NAMES, DATASETS, NOISE_KINDS, DatasetError, build_scena
 from .evaluation import evaluate_split, final_evaluation, final_test_set, format_final, model_for
 from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
 from .meta import META_INITS
-from .models import ARCHS, build_model
+from .models import ARCHS
 from .objective import OBJECTIVES
 from .runtime import ProgressLines, RunDirLock, keep_cpu_memory, run_cli
 from .attack import AMP
@@ -299,7 +299,7 @@ class Distributed:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         return self.rank == 0
 
     def average(self, tensors: list[torch.Tensor]) -> None:
@@ -399,7 +399,7 @@ def meta_net_seed(scenario_info: dict) -> int:
 
 def train(args: argparse.Namespace) -> dict:
     args = resolve_defaults(args)
-    par = Distributed(args.device)
+    ranks = Distributed(args.device)
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
     if device.type == "cpu":
         keep_cpu_memory()
@@ -410,7 +410,7 @@ def train(args: argparse.Namespace) -> dict:
             raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or pip install 'aaa_fast[tensorboard]')") from None
     try:  # data first: a run that cannot get its data leaves nothing behind
-        data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and par.main)
+        data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and ranks.is_main)
     except DatasetError as exc:
         raise SystemExit(f"error: {exc}") from None
     try:
@@ -421,26 +421,26 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: --num-meta {args.num_meta}: {exc}") from None
     check_data_settings(args, data.num_classes, scenario.info)
     out_lock = None
-    if par.main:
+    if ranks.is_main:
         check_out_dir(args.out)
         out_lock = RunDirLock(args.out)  # held until this process ends
     # what decides the results: the settings (not where the data lives, not --epochs, which a resume
     # may raise to extend a run) and the data's content
     run_config = {k: v for k, v in vars(args).items()
                   if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard")}
-    run_config.update(world_size=par.world, data_fingerprint=data.fingerprint())
-    chash = config_hash(run_config)
+    run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
+    run_hash = config_hash(run_config)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     state = None
     if args.resume:
         try:
-            state = load_newest(ckpt_path, expected_hash=chash)
+            state = load_newest(ckpt_path, expected_hash=run_hash)
         except CheckpointError as exc:
             raise SystemExit(f"error: cannot resume: {exc}{settings_diff(args.out, run_config)}") from None
-        if par.main:
+        if ranks.is_main:
             print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
                   f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
-    elif par.main and (os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))):
+    elif ranks.is_main and (os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue that run or choose another --out")
 
     c = data.num_classes
@@ -467,7 +467,7 @@ def train(args: argparse.Namespace) -> dict:
         meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info))
         meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4)
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
-    trainer.grad_sync = par.average
+    trainer.grad_sync = ranks.average
     steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.schedule, total_steps))
@@ -491,21 +491,21 @@ def train(args: argparse.Namespace) -> dict:
         augment_gen.set_state(state["augment_rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         position = state.get("position")  # set when a signal stopped the run inside an epoch
-    if par.main:
+    if ranks.is_main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(dict(run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=chash, scenario=scenario.info, device=str(device),
+            json.dump(dict(run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=run_hash, scenario=scenario.info, device=str(device),
                            torch=torch.__version__), f, indent=2)
     use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
     board = None
-    if args.tensorboard and par.main:  # purge_step: a resumed run overwrites what followed its checkpoint
+    if args.tensorboard and ranks.is_main:  # purge_step: a resumed run overwrites what followed its checkpoint
         board = SummaryWriter(os.path.join(args.out, "tensorboard"),
                               purge_step=start_epoch * steps_per_epoch + (position["step"] if position else 0))
     stopper = StopRequested()
 
     def checkpoint(epochs_done: int, position: dict | None = None) -> None:
-        if not par.main:
+        if not ranks.is_main:
             return
-        save_rotating({"config_hash": chash, "epoch": epochs_done, "trainer": trainer.state_dict(),
+        save_rotating({"config_hash": run_hash, "epoch": epochs_done, "trainer": trainer.state_dict(),
                        "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
                        "augment_rng": augment_gen.get_state(), "history": history, "best": best,
                        "position": position}, ckpt_path)
@@ -527,13 +527,13 @@ def train(args: argparse.Namespace) -> dict:
             choices.reset()
         batches = range(first_step, steps_per_epoch)
         lines = None
-        if use_bar and par.main:
+        if use_bar and ranks.is_main:
             from tqdm import tqdm
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
-        elif par.main:
+        elif ranks.is_main:
             lines = ProgressLines(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch, first_step)
         for i in batches:
-            idx = batch_rows(order, i, steps_per_epoch, args.batch_size, par.world)[par.rank::par.world]
+            idx = batch_rows(order, i, steps_per_epoch, args.batch_size, ranks.world)[ranks.rank::ranks.world]
             x = train_x[idx]
             if augment:
                 x = random_crop_flip(x, generator=augment_gen)
@@ -545,7 +545,7 @@ def train(args: argparse.Namespace) -> dict:
                         else "no checkpoint was written yet")
                 raise SystemExit(f"error: {exc} in epoch {epoch + 1}; training stopped, {last}") from None
             scheduler.step()
-            par.broadcast_buffers(model)
+            ranks.broadcast_buffers(model)
             if not stats.get("skipped"):
                 sums["steps"] += 1
                 for key in STEP_FIELDS:
@@ -559,20 +559,19 @@ def train(args: argparse.Namespace) -> dict:
                 board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
                 for key in ("loss", "natural", "boundary", "anti", "frac_anti"):
                     board.add_scalar(f"step/{key}", stats[key], step_no)
-            if use_bar and par.main:
+            if use_bar and ranks.is_main:
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             elif lines is not None:
                 lines.update(i + 1, lambda: f"loss {stats['loss']:.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
             if stopper.requested:
                 checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
                                        choices=choices.state_dict()))
-                if par.main:
+                if ranks.is_main:
                     print(f"stopped after step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}; checkpoint written "
                           f"to {ckpt_path}; continue with --resume", file=sys.stderr, flush=True)
-                par.close()
+                ranks.close()
                 raise SystemExit(130)
-        par.sum_(trainer._epoch_loss_sum)
-        par.sum_(trainer._epoch_loss_count)
+        trainer.reduce_epoch_losses(ranks.sum_)
         trainer.end_epoch(fairness=False)
         n = max(sums["steps"], 1)
         row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{k: sums[k] / n for k in STEP_FIELDS},
@@ -583,14 +582,14 @@ def train(args: argparse.Namespace) -> dict:
             sub = torch.arange(min(args.eval_subset, test_y.shape[0]), device=device)
             ev = evaluate_split(model, test_x[sub], test_y[sub], c, args, device, seed=args.seed + 1000 + epoch)
             row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
-            if par.main and (best is None or ev["pgd_acc"] > best["test_pgd_acc"]):
+            if ranks.is_main and (best is None or ev["pgd_acc"] > best["test_pgd_acc"]):
                 best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
-                save_atomic({"config_hash": chash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
+                save_atomic({"config_hash": run_hash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
                             os.path.join(args.out, "best.pt"))
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
         checkpoint(epoch + 1)
-        if par.main:
+        if ranks.is_main:
             with open(os.path.join(args.out, "metrics.csv"), "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
                 writer.writeheader()
@@ -608,18 +607,18 @@ def train(args: argparse.Namespace) -> dict:
 
     def stop_during_evaluation(_done: int) -> None:
         if stopper.requested:  # training is saved; only the evaluation is lost, and --resume redoes it
-            if par.main:
+            if ranks.is_main:
                 print(f"stopped during the final evaluation; training is complete in {ckpt_path}; "
                       "--resume redoes the evaluation", file=sys.stderr, flush=True)
-            par.close()
+            ranks.close()
             raise SystemExit(130)
 
-    final = final_evaluation(model, data, args, device, progress=par.main and not use_bar,
+    final = final_evaluation(model, data, args, device, progress=ranks.is_main and not use_bar,
                              on_batch=stop_during_evaluation)
     final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
                  scenario=scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
                  diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
-    if par.main:
+    if ranks.is_main:
         with open(os.path.join(args.out, "final.json"), "w") as f:
             json.dump(final, f, indent=2)
         make_plots(args.out, history, final, args, test_size=test_y.shape[0])
@@ -628,7 +627,9 @@ def train(args: argparse.Namespace) -> dict:
                 board.add_scalar(f"final/{key}", final[key], args.epochs)
             board.close()
         print(format_final(final), flush=True)
-    par.close()
+    ranks.close()
+    if out_lock is not None:
+        out_lock.release()
     return final
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -78,7 +78,6 @@ class AAAConfig:
                                      # lookahead stays eager (a compiled backward cannot be differentiated)
     seed: int = 0                    # the attacks' random starts
     skip_nonfinite: bool = False     # skip (and count) a step with a NaN/inf loss instead of raising
-    extra: dict = field(default_factory=dict)  # free-form, recorded with checkpoints
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -373,6 +372,12 @@ class AAATrainer:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     # ------------------------------------------------------------------ epochs and state
+    def reduce_epoch_losses(self, reduce_: Callable[[Tensor], None]) -> None:
+        """Apply an in-place reduction (e.g. an all-reduce sum over data-parallel ranks) to this
+        epoch's per-class loss sums and counts, before end_epoch turns them into features."""
+        reduce_(self._epoch_loss_sum)
+        reduce_(self._epoch_loss_count)
+
     def end_epoch(self, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *,
                   classwise_nat_err=None, classwise_bdy_err=None, batch_size: int = 256,
                   fairness: bool = True) -> dict:

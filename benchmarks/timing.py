@@ -14,13 +14,6 @@ def time_once(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def median_time(fn, device: torch.device, repeats: int) -> float:
-    """Median of `repeats` calls after one warm-up call."""
-    fn()
-    times = sorted(time_once(fn, device) for _ in range(repeats))
-    return times[len(times) // 2]
-
-
 def timed_round_robin(fns: dict, device: torch.device, repeats: int) -> dict:
     """Median wall time of each function. All are warmed up, then timed in interleaved rounds
     (rotating the order), so drift of the machine does not favour whichever runs first."""

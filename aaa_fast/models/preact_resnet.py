@@ -7,8 +7,6 @@ from .layers import Normalize
 
 
 class PreActBlock(nn.Module):
-    expansion = 1
-
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
