@@ -16,7 +16,7 @@ if [ ! -f "$fmnist" ]; then
 fi
 out=runs/demo
 [ -e "$out/checkpoint.pt" ] && out="runs/demo-$(date +%Y%m%d-%H%M%S)"
-python -m aaa_fast.train --dataset fashion-mnist --arch small-cnn --method aaa --epochs 4 --train-subset 6000 \
-    --num-meta 500 --steps 5 --eps 0.1 --batch-size 128 --meta-every 10 --eval-subset 500 --test-subset 2000 \
+python -m aaa_fast.train --dataset fashion-mnist --arch small-cnn --method aaa --epochs 4 --train-subset 4000 \
+    --num-meta 500 --steps 3 --eps 0.1 --batch-size 128 --meta-every 10 --eval-subset 500 --test-subset 2000 \
     --out "$out" "$@"
 echo "demo: metrics, checkpoints and plots in $out/"
