@@ -40,7 +40,9 @@ NOISE_ALIASES = {"sym": "uniform", "asym": "flip1"}
 # per-step statistics averaged over an epoch's steps (frac_anti: share of rows with b > a;
 # grad_band: share with a(1 - a) > 1e-3); meta_grad_norm: mean over the epoch's meta steps
 STEP_FIELDS = ["loss", "natural", "boundary", "anti", "frac_anti", "grad_band", "mean_eps"]
-METRIC_FIELDS = ["epoch", "lr", *STEP_FIELDS, "meta_grad_norm", *GROUP_FIELDS, "skipped",
+# metrics.csv names: the three objective terms are losses (not errors, not shares)
+CSV_NAMES = {"natural": "natural_loss", "boundary": "boundary_loss", "anti": "anti_loss"}
+METRIC_FIELDS = ["epoch", "lr", *[CSV_NAMES.get(k, k) for k in STEP_FIELDS], "meta_grad_norm", *GROUP_FIELDS, "skipped",
                  "test_clean_acc", "test_pgd_acc", "seconds"]
 DIAGNOSTIC_FIELDS = ["frac_anti", "grad_band", "mean_eps", "meta_grad_norm", *GROUP_FIELDS]
 
@@ -558,7 +560,7 @@ def train(args: argparse.Namespace) -> dict:
                 step_no = epoch * steps_per_epoch + i + 1
                 board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
                 for key in ("loss", "natural", "boundary", "anti", "frac_anti"):
-                    board.add_scalar(f"step/{key}", stats[key], step_no)
+                    board.add_scalar(f"step/{CSV_NAMES.get(key, key)}", stats[key], step_no)
             if use_bar and ranks.is_main:
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             elif lines is not None:
@@ -574,7 +576,7 @@ def train(args: argparse.Namespace) -> dict:
         trainer.reduce_epoch_losses(ranks.sum_)
         trainer.end_epoch(fairness=False)
         n = max(sums["steps"], 1)
-        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{k: sums[k] / n for k in STEP_FIELDS},
+        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{CSV_NAMES.get(k, k): sums[k] / n for k in STEP_FIELDS},
                    meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
                    **choices.summary(scenario.train_y_clean), skipped=trainer.skipped_steps,
                    test_clean_acc="", test_pgd_acc="")
