@@ -65,8 +65,9 @@ def per_sample(name: str, value, n: int, device: torch.device, *, nonneg: bool) 
     """`value` (a number, a 0-d or an (N,) tensor) as a float32 (N,) tensor on `device`.
 
     Returns the tensor and, for tensor input not validated before, a boolean 0-d tensor flagging
-    bad values, so callers can check all flags with a single device synchronisation (and then
-    `remember_valid` it). Numbers are checked on the host and become cached constant tensors.
+    bad values, so callers can check all flags with a single device synchronisation
+    (prepare_step_args then records the tensor in VALIDATED). Numbers are checked on the host and
+    become cached constant tensors.
     """
     if isinstance(value, Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
