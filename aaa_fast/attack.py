@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .objective import per_sample_ce, per_sample_kl
-from .ops import random_init
-from .ops.api import launch_pgd_step_, per_sample, prepare_step_args
-from .ops.reference import unprojected_step
+from .objective import per_sample_ce, upcast
+from .ops import launch_pgd_step_, per_sample, prepare_step_args, uniform_start, unprojected_step
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # fp16 autocast: gradients of a per-sample loss with respect to pixels can underflow in half
@@ -39,16 +39,21 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+def autocast(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = True):
+    """Autocast to `amp_dtype` (None: off). cache=False inside CUDA-graph captures: a cached
+    cast of a weight would be frozen into the graph."""
     if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
 
 
 def kl_to_clean(clean_logits: Tensor) -> LossFn:
-    """Per-sample KL(p(x) || p(x')) against the fixed clean prediction (TRADES)."""
-    clean_logits = clean_logits.detach()
-    return lambda logits, _y: per_sample_kl(clean_logits, logits)
+    """Per-sample KL(p(x) || p(x')) against the fixed clean prediction (TRADES); the clean
+    log-probabilities are computed once per attack, not once per step."""
+    log_p = F.log_softmax(upcast(clean_logits.detach()), dim=1)
+    p_log_p = (log_p.exp() * log_p).sum(dim=1)
+    p = log_p.exp()
+    return lambda logits, _y: p_log_p - (p * F.log_softmax(upcast(logits), dim=1)).sum(dim=1)
 
 
 cross_entropy: LossFn = per_sample_ce
@@ -80,14 +85,27 @@ def _check_inputs(model: nn.Module, x, y, steps, norm: str, random_start, amp_dt
         raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
 
 
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def label_error(lo, hi, num_classes: int) -> ValueError:
+    return ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} outputs), "
+                      f"got values in [{lo}, {hi}]")
+
+
+def box_error(name: str, x_min: float, x_max: float, lo: float, hi: float) -> ValueError:
+    return ValueError(f"{name} must hold images in [{lo}, {hi}] (pixel space), got values in [{x_min:.4g}, "
+                      f"{x_max:.4g}]: scale 0-255 images by 1/255 and put normalisation inside the model "
+                      "(aaa_fast.models.Normalize as its first layer)")
+
+
 def check_labels(y: Tensor, num_classes: int) -> None:
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    if y.dtype not in LABEL_DTYPES:
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
     if y.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.stack([y.min(), y.max()]).tolist()
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} outputs), "
-                             f"got values in [{lo}, {hi}]")
+            raise label_error(lo, hi, num_classes)
 
 
 def check_in_box(x: Tensor, lo: float, hi: float, name: str = "x", *, allow_nan: bool = False) -> None:
@@ -99,15 +117,14 @@ def check_in_box(x: Tensor, lo: float, hi: float, name: str = "x", *, allow_nan:
         if allow_nan and (math.isnan(x_min) or math.isnan(x_max)):
             return
         if not (lo <= x_min and x_max <= hi):  # NaN fails too
-            raise ValueError(f"{name} must hold images in [{lo}, {hi}] (pixel space), got values in [{x_min:.4g}, "
-                             f"{x_max:.4g}]: scale 0-255 images by 1/255 and put normalisation inside the model "
-                             "(aaa_fast.models.Normalize as its first layer)")
+            raise box_error(name, x_min, x_max, lo, hi)
 
 
 def starting_point(x: Tensor, eps: Tensor, random_start, norm: str, lo: float, hi: float,
                    generator: torch.Generator | None) -> Tensor:
+    """The attack's first iterate; eps: validated float32 (N,)."""
     if random_start is True:
-        return random_init(x, eps, norm=norm, lo=lo, hi=hi, generator=generator)
+        return uniform_start(x, eps, norm, lo, hi, generator)
     if random_start == "normal":  # TRADES: x + 0.001 N(0, I)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         return torch.empty_like(x).copy_(torch.clamp(x.float() + 0.001 * noise, lo, hi))
@@ -117,7 +134,7 @@ def starting_point(x: Tensor, eps: Tensor, random_start, norm: str, lo: float, h
 def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn: LossFn,
             direction: Tensor, eps: Tensor, alpha: Tensor, steps: int, norm: str, lo: float, hi: float,
             amp_dtype: torch.dtype | None, validate_labels: bool = False,
-            keep_unprojected: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            keep_unprojected: bool = False, autocast_cache: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """The PGD loop on validated float32 (N,) direction/eps/alpha; model already in eval mode.
     validate_labels: check y against the number of outputs on the first forward.
     keep_unprojected: also return v, the last iterate before its projection (float32), from
@@ -135,7 +152,7 @@ def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn
         return (out, x_adv.float()) if keep_unprojected else out
     for step in range(steps):
         x_adv.requires_grad_(True)
-        with autocast(x_nat.device, amp_dtype):
+        with autocast(x_nat.device, amp_dtype, autocast_cache):
             logits = model(x_adv)
         if validate_labels:
             check_labels(y, logits.shape[1])
@@ -150,6 +167,97 @@ def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn
             unprojected = unprojected_step(x_adv, grad, direction, alpha, norm)
         x_adv = launch_pgd_step_(x_adv, x_nat, grad, direction, eps, alpha, norm, lo, hi)
     return (x_adv, unprojected) if keep_unprojected else x_adv
+
+
+LOSS_KINDS = ("ce", "kl", "pair-kl", "pair-ce")
+
+
+def loss_for(kind: str, clean_logits: Tensor | None) -> LossFn:
+    """The per-sample attack loss `kind` names: "ce"; "kl" (TRADES: KL from `clean_logits`);
+    "pair-kl" / "pair-ce": the AAA pair's 2N rows, the first N ascending KL (or CE), the last N
+    descending CE (their direction is -1), with the N labels shared by both halves."""
+    if kind == "ce":
+        return cross_entropy
+    if kind == "kl":
+        return kl_to_clean(clean_logits)
+    adv_rows = kl_to_clean(clean_logits) if kind == "pair-kl" else cross_entropy
+
+    def pair_loss(logits: Tensor, y: Tensor) -> Tensor:
+        n = y.shape[0]
+        return torch.cat([adv_rows(logits[:n], y), cross_entropy(logits[n:], y)])
+    return pair_loss
+
+
+class AttackGraphs:
+    """The K-step attack loop captured as a CUDA graph, one per (model, loss, input shape), and
+    replayed: the ~4K small kernels of an attack launched by one call, so a small model on a
+    GPU is no longer bound by Python and kernel launches. The random start is drawn eagerly and
+    copied in; the model's parameters and buffers are read where they live, so optimizer steps
+    between replays are seen; autocast runs without its cast cache inside the capture. A
+    capture that fails turns the graphs off with one warning, and attacks run eagerly."""
+
+    def __init__(self, steps: int, norm: str, amp_dtype: torch.dtype | None, lo: float = 0.0, hi: float = 1.0):
+        self.steps, self.norm, self.amp_dtype, self.lo, self.hi = steps, norm, amp_dtype, lo, hi
+        self.entries: dict[tuple, tuple[list, torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = None
+        self.enabled = True
+
+    def run(self, model: nn.Module, kind: str, x_nat: Tensor, start: Tensor, y: Tensor, clean_logits: Tensor | None,
+            direction: Tensor, eps: Tensor, alpha: Tensor) -> Tensor | None:
+        """The attack's result, or None when the graphs are off (the caller then runs eagerly)."""
+        inputs = (x_nat, start, y, clean_logits, direction, eps, alpha)
+        key = (id(model), kind, *((None,) if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in inputs))
+        entry = self.entries.get(key)
+        if entry is None and self.enabled:
+            entry = self._capture(model, kind, inputs)
+            if entry is not None:
+                self.entries[key] = entry
+        if entry is None:
+            return None
+        static, graph, out = entry
+        with torch.no_grad():
+            for buffer, value in zip(static, inputs):
+                if buffer is not None:
+                    buffer.copy_(value)
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
+
+    def _capture(self, model, kind, inputs):
+        static = [None if t is None else t.detach().clone() for t in inputs]
+
+        def attack() -> Tensor:
+            x_nat, start, y, clean_logits, direction, eps, alpha = static
+            return run_pgd(model, x_nat, start, y, loss_for(kind, clean_logits), direction, eps, alpha, self.steps,
+                           self.norm, self.lo, self.hi, self.amp_dtype, autocast_cache=False)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN choices, Triton compiles
+                for _ in range(2):
+                    attack()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = attack()
+        except RuntimeError as exc:
+            self.enabled = False
+            warnings.warn(f"capturing the attack as a CUDA graph failed, attacks run eagerly from now on: {exc}")
+            return None
+        return static, graph, out
+
+
+def run_attack(model: nn.Module, kind: str, x_nat: Tensor, start: Tensor, y: Tensor, clean_logits: Tensor | None,
+               direction: Tensor, eps: Tensor, alpha: Tensor, *, steps: int, norm: str, lo: float, hi: float,
+               amp_dtype: torch.dtype | None, graphs: AttackGraphs | None = None) -> Tensor:
+    """run_pgd with the loss `kind` names, replayed from a CUDA graph when `graphs` is given
+    (same arguments, same result) and eager otherwise."""
+    if graphs is not None and steps > 0 and x_nat.is_cuda:
+        out = graphs.run(model, kind, x_nat, start, y, clean_logits, direction, eps, alpha)
+        if out is not None:
+            return out
+    return run_pgd(model, x_nat, start, y, loss_for(kind, clean_logits), direction, eps, alpha, steps, norm, lo, hi,
+                   amp_dtype)
 
 
 def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255, steps: int = 10,
@@ -187,6 +295,19 @@ def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255,
         start = starting_point(x, e, random_start, norm, lo, hi, generator)
         return run_pgd(model, x, start, y, loss_fn or cross_entropy, d, e, a, steps, norm, lo, hi, amp_dtype,
                        validate_labels)
+
+
+def attack_rows(model: nn.Module, x: Tensor, y: Tensor, kind: str, clean_logits: Tensor | None,
+                direction: Tensor, eps: Tensor, alpha: Tensor, *, steps: int, norm: str = "linf",
+                random_start=True, lo: float = 0.0, hi: float = 1.0, amp_dtype: torch.dtype | None = None,
+                generator: torch.Generator | None = None, graphs: AttackGraphs | None = None) -> Tensor:
+    """perturb's engine for callers that checked everything already (the trainer checks each
+    batch once): x detached in [lo, hi], labels in range, float32 (N,) direction/eps/alpha on x's
+    device, model in eval mode; the loss named by `kind` (LOSS_KINDS). Checks nothing, so it adds
+    no host synchronisation; with `graphs`, the loop is replayed from a CUDA graph."""
+    start = starting_point(x, eps, random_start, norm, lo, hi, generator)
+    return run_attack(model, kind, x, start, y, clean_logits, direction, eps, alpha, steps=steps, norm=norm, lo=lo,
+                      hi=hi, amp_dtype=amp_dtype, graphs=graphs)
 
 
 def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, steps: int = 10, alpha=2 / 255,
@@ -229,19 +350,20 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
 def build_pair(model: nn.Module, x: Tensor, y: Tensor, clean_logits: Tensor, eps: Tensor, alpha: Tensor, *,
                steps: int, adv_loss: str = "kl", norm: str = "linf", random_start="normal", lo: float = 0.0,
                hi: float = 1.0, amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
-               keep_unprojected: bool = False):
+               keep_unprojected: bool = False, graphs: AttackGraphs | None = None):
     """adversarial_pair's engine for callers that already hold the clean logits (the trainer):
     validated float32 (2N,) eps/alpha, model already in eval mode. Returns the 2N rows
-    (adversarial first), and with keep_unprojected also their last unprojected iterate."""
+    (adversarial first), and with keep_unprojected also their last unprojected iterate (eager
+    then; otherwise replayed from `graphs` when given)."""
     n, device = x.shape[0], x.device
     x2 = torch.cat([x, x])
-    direction = torch.cat([torch.ones(n, device=device), -torch.ones(n, device=device)])
-    adv_rows = kl_to_clean(clean_logits) if adv_loss == "kl" else cross_entropy
-
-    def pair_loss(logits: Tensor, _y: Tensor) -> Tensor:
-        return torch.cat([adv_rows(logits[:n], y), cross_entropy(logits[n:], y)])
-
+    direction = torch.ones(2 * n, device=device)
+    direction[n:] = -1
     start = torch.cat([starting_point(x, eps[:n], random_start, norm, lo, hi, generator),
                        starting_point(x, eps[n:], random_start, norm, lo, hi, generator)])
-    return run_pgd(model, x2, start, y, pair_loss, direction, eps, alpha, steps, norm, lo, hi, amp_dtype,
-                   keep_unprojected=keep_unprojected)
+    kind = "pair-kl" if adv_loss == "kl" else "pair-ce"
+    if keep_unprojected:
+        return run_pgd(model, x2, start, y, loss_for(kind, clean_logits), direction, eps, alpha, steps, norm, lo, hi,
+                       amp_dtype, keep_unprojected=True)
+    return run_attack(model, kind, x2, start, y, clean_logits, direction, eps, alpha, steps=steps, norm=norm, lo=lo,
+                      hi=hi, amp_dtype=amp_dtype, graphs=graphs)

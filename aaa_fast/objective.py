@@ -44,7 +44,7 @@ def sample_features(clean_logits: Tensor, y: Tensor, class_loss_avg: Tensor, cla
     logits = upcast(clean_logits.detach())
     log_p = F.log_softmax(logits, dim=1)
     p = log_p.exp()
-    onehot = F.one_hot(y, logits.shape[1]).to(p.dtype)
+    onehot = (y[:, None] == torch.arange(logits.shape[1], device=y.device)).to(p.dtype)  # F.one_hot reads max(y)
     ce = -(log_p * onehot).sum(1)
     grad_norm = (onehot - p).norm(dim=1)
     p_true = (p * onehot).sum(1)

@@ -11,6 +11,7 @@ results on the test set), curves.png and classwise.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="none", choices=list(AMP), help="autocast precision")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the attacks eagerly instead of replaying them from CUDA graphs (same results)")
     g.add_argument("--seed", type=number_arg(int, 0), default=0, help="seed of the data draw, noise and training")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a NaN/inf loss instead of stopping")
     g = p.add_argument_group("evaluation")
@@ -429,7 +432,7 @@ def train(args: argparse.Namespace) -> dict:
     # what decides the results: the settings (not where the data lives, not --epochs, which a resume
     # may raise to extend a run) and the data's content
     run_config = {k: v for k, v in vars(args).items()
-                  if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard")}
+                  if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "no_cuda_graphs")}
     run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
     run_hash = config_hash(run_config)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -454,7 +457,9 @@ def train(args: argparse.Namespace) -> dict:
         except CheckpointError as exc:
             raise SystemExit(f"error: --init: {exc}") from None
         model.load_state_dict(init["trainer"]["model"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    # fused on CUDA: it skips a non-finite step on the device, so a training step never waits for the GPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                fused=device.type == "cuda")
     counts = scenario.class_counts.double()
     config = AAAConfig(method=args.method, num_classes=c, eps=args.eps, alpha=args.alpha, steps=args.steps,
                        lam=args.lam, bound_mode=args.bound_mode, fairness=False if args.no_fairness else None,
@@ -462,12 +467,14 @@ def train(args: argparse.Namespace) -> dict:
                        anti_cap=args.anti_cap, meta_every=args.meta_every,
                        class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
                        fairness_eval_steps=args.eval_steps, amp=args.amp, channels_last=args.channels_last,
-                       compile=args.compile,
+                       compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
                        seed=args.seed, skip_nonfinite=args.skip_nonfinite)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
     meta_net = meta_opt = None
     if args.method == "aaa":
         meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info))
-        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4)
+        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4,
+                                    fused=device.type == "cuda")
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
     trainer.grad_sync = ranks.average
     steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
@@ -512,6 +519,26 @@ def train(args: argparse.Namespace) -> dict:
                        "augment_rng": augment_gen.get_state(), "history": history, "best": best,
                        "position": position}, ckpt_path)
 
+    @contextlib.contextmanager
+    def stop_on_nonfinite(epoch: int):
+        try:
+            yield
+        except FloatingPointError as exc:
+            last = (f"the last good checkpoint is {ckpt_path} (after epoch {history[-1]['epoch']})" if history
+                    else "no checkpoint was written yet")
+            raise SystemExit(f"error: {exc} in epoch {epoch + 1}; training stopped, {last}") from None
+
+    def add_step_stats(sums: dict, epoch: int) -> None:
+        """Fold the trainer's device-side step statistics into the epoch's sums (one sync)."""
+        with stop_on_nonfinite(epoch):
+            read = trainer.read_stats()
+        sums["steps"] += read["steps"]
+        for key in STEP_FIELDS:
+            sums[key] += read[key] * read["steps"] if read["steps"] else 0.0
+        if read["meta_steps"]:
+            sums["meta_steps"] += read["meta_steps"]
+            sums["meta_grad_norm"] += read["meta_grad_norm"] * read["meta_steps"]
+
     n_meta_batch = min(args.meta_batch_size, meta_y.shape[0])
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
@@ -540,32 +567,23 @@ def train(args: argparse.Namespace) -> dict:
             if augment:
                 x = random_crop_flip(x, generator=augment_gen)
             meta_rows = meta_order[(i * n_meta_batch) % meta_y.shape[0]:][:n_meta_batch]
-            try:
+            with stop_on_nonfinite(epoch):
                 stats = trainer.step(x, train_y[idx], meta_x[meta_rows], meta_y[meta_rows], corrupted=corrupted[idx])
-            except FloatingPointError as exc:
-                last = (f"the last good checkpoint is {ckpt_path} (after epoch {history[-1]['epoch']})" if history
-                        else "no checkpoint was written yet")
-                raise SystemExit(f"error: {exc} in epoch {epoch + 1}; training stopped, {last}") from None
             scheduler.step()
             ranks.broadcast_buffers(model)
-            if not stats.get("skipped"):
-                sums["steps"] += 1
-                for key in STEP_FIELDS:
-                    sums[key] += stats[key]
-                if "meta_grad_norm" in stats:
-                    sums["meta_steps"] += 1
-                    sums["meta_grad_norm"] += stats["meta_grad_norm"]
+            if trainer.last_choice is not None:
                 choices.add(idx, *trainer.last_choice)
             if board is not None:
                 step_no = epoch * steps_per_epoch + i + 1
                 board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
                 for key in ("loss", "natural", "boundary", "anti", "frac_anti"):
                     board.add_scalar(f"step/{CSV_NAMES.get(key, key)}", stats[key], step_no)
-            if use_bar and ranks.is_main:
+            if use_bar and ranks.is_main and i % 25 == 0:  # reading the loss waits for the GPU
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             elif lines is not None:
                 lines.update(i + 1, lambda: f"loss {stats['loss']:.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
             if stopper.requested:
+                add_step_stats(sums, epoch)
                 checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
                                        choices=choices.state_dict()))
                 if ranks.is_main:
@@ -573,6 +591,7 @@ def train(args: argparse.Namespace) -> dict:
                           f"to {ckpt_path}; continue with --resume", file=sys.stderr, flush=True)
                 ranks.close()
                 raise SystemExit(130)
+        add_step_stats(sums, epoch)
         trainer.reduce_epoch_losses(ranks.sum_)
         trainer.end_epoch(fairness=False)
         n = max(sums["steps"], 1)

@@ -3,9 +3,13 @@
     trainer = AAATrainer(model, optimizer, meta_net=MetaNet(), meta_optimizer=Adam(...), config=AAAConfig())
     for x, y in loader:
         stats = trainer.step(x, y, x_meta, y_meta)    # a meta batch every step; used every k-th
+    epoch_means = trainer.read_stats()                # one host synchronisation
     trainer.end_epoch(x_meta_all, y_meta_all)         # fairness multipliers, class-loss features
     (the CLI calls trainer.update_fairness(x_meta_all, y_meta_all) at each epoch's start instead,
     as the reference does, and end_epoch(fairness=False) at its end)
+
+A step makes no host synchronisation (after the first batch) when its optimizer is fused, e.g.
+torch.optim.SGD(..., fused=True): the GPU runs ahead of Python until something is read.
 
 Every method runs through the same code: build the examples it trains on (none, PGD-CE,
 TRADES-KL, or the AAA pair as one 2N batch), one train-mode forward of all rows concatenated
@@ -15,18 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .attack import AMP, autocast, check_in_box, check_labels, build_pair, eval_mode, perturb
+from .attack import (AMP, AttackGraphs, attack_rows, autocast, box_error, build_pair, check_in_box, check_labels,
+                     eval_mode, label_error)
 from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import META_INITS, MetaNet, meta_gradient
 from .objective import INITIAL_CLASS_LOSS, OBJECTIVES, sample_features, weighted_objective
-from .ops.reference import project
+from .ops import project
 
 METHODS = ("erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa", "aaa-oracle")
 AAA_METHODS = ("aaa-fixed", "aaa", "aaa-oracle")  # the ones that build the adversarial/anti-adversarial pair
@@ -34,6 +40,36 @@ AAA_METHODS = ("aaa-fixed", "aaa", "aaa-oracle")  # the ones that build the adve
 META_INIT_DEFAULTS = {"trades": dict(temperature=0.05, anti_cap=0.5), "reference": dict(temperature=1e-3, anti_cap=1.0)}
 GRAD_BAND = 1e-3  # a row whose a(1 - a) is above this still gets a meta-gradient (diagnostics)
 BOUND_MODES = ("fixed", "remargin", "meta")
+# per-step statistics (StepStats keys, read_stats means): the objective's terms, the mean bound,
+# the anti-adversarial share (rows with b > a) and the share of rows inside the gradient band
+STEP_STATS = ("loss", "natural", "boundary", "anti", "mean_eps", "frac_anti", "grad_band")
+
+
+class StepStats(Mapping):
+    """One step's statistics, kept on the device: reading any value copies them all to the host
+    at once (one synchronisation), so a loop that never reads them never waits for the GPU.
+    Keys: STEP_STATS, "meta_grad_norm" on meta steps, "skipped" (no update was applied), and
+    the host-side "meta_step" and "iteration"."""
+
+    def __init__(self, values: dict[str, Tensor], host: dict):
+        self._values, self._host, self._read = values, host, None
+
+    def _all(self) -> dict:
+        if self._read is None:
+            names = list(self._values)
+            numbers = torch.stack([self._values[k].float() for k in names]).tolist() if names else []
+            self._read = dict(zip(names, numbers), **self._host)
+            self._read["skipped"] = bool(self._read.get("skipped", False))
+        return self._read
+
+    def __getitem__(self, key):
+        return self._all()[key]
+
+    def __iter__(self):
+        return iter([*self._values, *self._host])
+
+    def __len__(self) -> int:
+        return len(self._values) + len(self._host)
 
 
 def fill_meta_init_defaults(settings) -> None:
@@ -76,6 +112,8 @@ class AAAConfig:
     channels_last: bool = False
     compile: bool = False            # torch.compile the model for the attacks and the real step; the
                                      # lookahead stays eager (a compiled backward cannot be differentiated)
+    cuda_graphs: bool = True         # on CUDA without compile: replay each attack's K steps from a CUDA
+                                     # graph captured once per batch shape (the meta bounds mode excepted)
     seed: int = 0                    # the attacks' random starts
     skip_nonfinite: bool = False     # skip (and count) a step with a NaN/inf loss instead of raising
 
@@ -151,49 +189,109 @@ class AAATrainer:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.net = torch.compile(model) if cfg.compile else model  # forwards outside the lookahead
+        use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and not cfg.compile
+        self.attack_graphs = AttackGraphs(cfg.steps, cfg.norm, AMP[cfg.amp]) if use_graphs else None
         c = cfg.num_classes
         self.amp_dtype = AMP[cfg.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.fairness = FairnessMultipliers(c, tau=cfg.tau, rho1=cfg.rho1, rho2=cfg.rho2)
+        self._refresh_fairness_tensors()
         share = torch.full((c,), 1 / c) if cfg.class_share is None else torch.as_tensor(cfg.class_share, dtype=torch.float32)
         self.class_share = share.float().to(self.device)
         self.class_loss_avg = torch.full((c,), INITIAL_CLASS_LOSS, device=self.device)
         self._epoch_loss_sum = torch.zeros(c, dtype=torch.float64, device=self.device)
         self._epoch_loss_count = torch.zeros(c, dtype=torch.float64, device=self.device)
         self.iteration = 0
-        self.skipped_steps = 0
         self.last_choice: tuple[Tensor, Tensor] | None = None  # the last step's rows' (a, b)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # Host synchronisations: none in a step once the first batch is checked. Later batches
+        # already on the device are checked there and a bad one raises at the next read_stats();
+        # with a fused optimizer a non-finite step is skipped on the device (found_inf) and
+        # reported there too. Step statistics accumulate on the device until read_stats().
+        self._device_skip = self._prepare_device_skip(optimizer)
+        self._checked_first = {"batch": False, "meta batch": False}
+        self._skipped_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._stat_sums = torch.zeros(len(STEP_STATS) + 3, dtype=torch.float64, device=self.device)
+        self._meta_steps = 0
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._seen_low = torch.full((2,), math.inf, device=self.device)   # (x, y) minima of deferred checks
+        self._seen_high = torch.full((2,), -math.inf, device=self.device)
         # data parallelism: called with the model's (and the meta-net's) gradients before each
         # optimizer step, e.g. to average them across ranks (see aaa_fast.train.Distributed)
         self.grad_sync: Callable[[list[Tensor]], None] | None = None
 
     # ------------------------------------------------------------------ helpers
-    def _inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _prepare_device_skip(optimizer: torch.optim.Optimizer) -> bool:
+        """True when `optimizer` can skip a step on the device (fused kernels take a found_inf
+        flag). SGD's missing momentum buffers start at zero, which with dampening 0 is its own
+        first step, so a skipped first step leaves no uninitialised buffer behind."""
+        groups = optimizer.param_groups
+        if not all(g.get("fused") for g in groups):
+            return False
+        if isinstance(optimizer, torch.optim.SGD):
+            if any(g["momentum"] != 0 and g["dampening"] != 0 for g in groups):
+                return False
+            for g in groups:
+                for p in g["params"] if g["momentum"] != 0 else []:
+                    optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        return True
+
+    def _inputs(self, x: Tensor, y: Tensor, role: str = "batch") -> tuple[Tensor, Tensor]:
+        """x as float in [0, 1] (uint8 scaled by 1/255), y as int64, both on the device. The first
+        batch (and meta batch), and any batch still on the CPU of a GPU trainer, is checked here; other batches
+        are checked on the device, out-of-range labels clamped so no kernel indexes out of
+        bounds, and read_stats() raises the error (no synchronisation per step)."""
         if x.shape[:1] != y.shape[:1]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+        c = self.config.num_classes
+        here = not self._checked_first[role] or (x.device.type == "cpu" and self.device.type != "cpu")
+        self._checked_first[role] = True
+        if here:
+            if x.dtype != torch.uint8:
+                check_in_box(x, 0.0, 1.0, allow_nan=True)  # NaN: the non-finite-loss path (stop or skip)
+            check_labels(y, c)
         x = x.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.float() / 255
-        else:
-            x = x.float()
-            check_in_box(x, 0.0, 1.0, allow_nan=True)  # NaN: the non-finite-loss path (stop or skip)
+        y = y.to(self.device, non_blocking=True).long()
+        if not here and y.numel():
+            y_lo, y_hi = torch.aminmax(y)
+            x_lo, x_hi = (y_lo.new_zeros(()), y_lo.new_zeros(())) if x.dtype == torch.uint8 else torch.aminmax(x)
+            self._seen_low = torch.fmin(self._seen_low, torch.stack([x_lo.float(), y_lo.float()]))
+            self._seen_high = torch.fmax(self._seen_high, torch.stack([x_hi.float(), y_hi.float()]))
+            y = y.clamp(0, c - 1)
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         if self.config.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(self.device, non_blocking=True).long()
+        return x, y
+
+    def _refresh_fairness_tensors(self) -> None:
+        """Device copies of the class weights and bound multipliers, made when they change
+        (not re-uploaded every step)."""
+        weights = self.fairness.class_weights() if self.config.fairness else (None, None)
+        self._u, self._v = (w if w is None else w.to(self.device) for w in weights)
+        self._bound_multipliers = self.fairness.bound_multipliers().to(self.device)
 
     def _class_weights(self) -> tuple[Tensor | None, Tensor | None]:
-        if not self.config.fairness:
-            return None, None
-        u, v = self.fairness.class_weights()
-        return u.to(self.device), v.to(self.device)
+        return self._u, self._v
 
     def _row_bounds(self, y: Tensor) -> Tensor:
         """eps_0 * m_{y_i}: class remargins in 'remargin' mode, 1 otherwise."""
         eps = torch.full(y.shape, self.config.eps, device=self.device)
         if self.config.bound_mode == "remargin":
-            eps = eps * self.fairness.bound_multipliers().to(self.device)[y]
+            eps = eps * self._bound_multipliers[y.to(self.device)]
         return eps
+
+    def _attack(self, x: Tensor, y: Tensor, kind: str, eps_rows: Tensor, random_start) -> Tensor:
+        """K ascent steps of the loss `kind` on every row of the validated batch (PGD-AT, TRADES, FRL)."""
+        cfg, n = self.config, x.shape[0]
+        clean_logits = self._clean_logits(x) if kind == "kl" else None
+        with eval_mode(self.model):
+            return attack_rows(self.net, x, y, kind, clean_logits, torch.ones(n, device=self.device), eps_rows,
+                               torch.full((n,), cfg.alpha, device=self.device), steps=cfg.steps, norm=cfg.norm,
+                               random_start=random_start, amp_dtype=self.amp_dtype, generator=self.generator,
+                               graphs=self.attack_graphs)
 
     def _pair(self, x: Tensor, y: Tensor, clean_logits: Tensor, eps_rows: Tensor, keep_unprojected: bool = False):
         cfg = self.config
@@ -201,13 +299,12 @@ class AAATrainer:
             return build_pair(self.net, x, y, clean_logits, eps_rows.repeat(2),
                               torch.full((2 * x.shape[0],), cfg.alpha, device=self.device), steps=cfg.steps,
                               adv_loss=cfg.adv_loss, norm=cfg.norm, random_start="normal",
-                              amp_dtype=self.amp_dtype, generator=self.generator, keep_unprojected=keep_unprojected)
+                              amp_dtype=self.amp_dtype, generator=self.generator, keep_unprojected=keep_unprojected,
+                              graphs=self.attack_graphs)
 
-    def _clean_logits(self, x: Tensor, y: Tensor) -> Tensor:
+    def _clean_logits(self, x: Tensor) -> Tensor:
         with eval_mode(self.model), torch.no_grad(), autocast(self.device, self.amp_dtype):
-            logits = self.net(x)
-        check_labels(y, logits.shape[1])
-        return logits
+            return self.net(x)
 
     def _forward(self, rows: list[Tensor], model_call=None, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
         """One train-mode forward of all rows concatenated (autocast to `amp_dtype`), split back."""
@@ -225,10 +322,12 @@ class AAATrainer:
              corrupted: Tensor | None = None) -> dict:
         """One training iteration on (x, y); the meta batch is used on every `meta_every`-th
         iteration by method 'aaa'. `corrupted` (bool, (N,)): which labels are wrong, needed by
-        the 'aaa-oracle' control only. Returns losses and per-batch statistics as floats
-        (frac_anti: share of rows with b > a; grad_band: share with a(1 - a) > 1e-3;
-        meta_grad_norm on meta steps); the rows' (a, b) stay in `last_choice`."""
+        the 'aaa-oracle' control only. Returns the step's StepStats (losses, frac_anti: share of
+        rows with b > a; grad_band: share with a(1 - a) > 1e-3; meta_grad_norm on meta steps),
+        kept on the device until read; read_stats() gives their means since its last call. The
+        rows' (a, b) stay in `last_choice`."""
         cfg, model = self.config, self.model
+        self.last_choice = None
         x, y = self._inputs(x, y)
         n = x.shape[0]
         u, v = self._class_weights()
@@ -241,16 +340,11 @@ class AAATrainer:
         if cfg.method == "erm":
             rows, lam = [x], 0.0
         elif cfg.method == "pgd-at":
-            x_adv = perturb(self.net, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
-                            random_start=True, amp_dtype=self.amp_dtype, generator=self.generator)
-            rows, lam = [x_adv], 0.0
+            rows, lam = [self._attack(x, y, "ce", eps_rows, random_start=True)], 0.0
         elif cfg.method in ("trades", "frl"):
-            x_adv = perturb(self.net, x, y, eps=eps_rows, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm,
-                            loss=cfg.adv_loss, random_start="normal", amp_dtype=self.amp_dtype,
-                            generator=self.generator)
-            rows = [x, x_adv]
+            rows = [x, self._attack(x, y, cfg.adv_loss, eps_rows, random_start="normal")]
         else:
-            clean_logits = self._clean_logits(x, y)
+            clean_logits = self._clean_logits(x)
             s = None
             if cfg.method == "aaa-fixed":
                 a, b = cfg.fixed_weights
@@ -285,7 +379,8 @@ class AAATrainer:
         terms = weighted_objective(y, nat_logits, a=a, u=u, adv_logits=logits[1] if len(rows) > 1 else None, v=v,
                                    lam=lam, anti_logits=logits[2] if len(rows) > 2 else None, b=b,
                                    a_boundary=self._a_boundary)
-        if not torch.isfinite(terms.total):
+        bad = ~torch.isfinite(terms.total)
+        if not self._device_skip and bad:  # a synchronisation, without a fused optimizer only
             return self._nonfinite("loss", terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms.total).backward()
@@ -293,35 +388,91 @@ class AAATrainer:
         if self.grad_sync is not None:
             self.grad_sync(grads)
         # fp16: the GradScaler skips steps with inf/NaN gradients and lowers its scale itself
-        if not self.scaler.is_enabled() and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._nonfinite("gradient", terms)
-        self.scaler.step(self.optimizer)
+        # (on the device with a fused optimizer); otherwise a non-finite gradient skips the step
+        if not self.scaler.is_enabled():
+            bad_grads = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            if not self._device_skip and bad_grads:
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._nonfinite("gradient", terms)
+            bad = bad | bad_grads
+        if self._device_skip and not self.scaler.is_enabled():
+            self.optimizer.found_inf = bad.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
-        self._epoch_loss_sum.index_add_(0, y, terms.per_sample_ce.double())
-        self._epoch_loss_count += torch.bincount(y, minlength=cfg.num_classes)
-        self.iteration += 1
-        a_rows = torch.as_tensor(a, device=self.device).expand(n).float()
-        b_rows = torch.as_tensor(b, device=self.device).expand(n).float()
+        ok = ~bad
+        self._epoch_loss_sum.index_add_(0, y, torch.where(ok, terms.per_sample_ce, 0).double())
+        self._epoch_loss_count.index_add_(0, y, ok.double().expand(n))
+        a_rows = a.float() if isinstance(a, Tensor) else torch.full((n,), a, device=self.device)
+        b_rows = b.float() if isinstance(b, Tensor) else torch.full((n,), b, device=self.device)
         self.last_choice = (a_rows, b_rows)
-        values = [terms.total.detach(), terms.natural.detach(), terms.boundary.detach(), terms.anti.detach(),
-                  eps_rows.float().mean(), (b_rows > a_rows).float().mean(),
-                  (a_rows * (1 - a_rows) > GRAD_BAND).float().mean()]
-        keys = ["loss", "natural", "boundary", "anti", "mean_eps", "frac_anti", "grad_band"]
+        values = {"loss": terms.total.detach(), "natural": terms.natural.detach(),
+                  "boundary": terms.boundary.detach(), "anti": terms.anti.detach(), "mean_eps": eps_rows.mean(),
+                  "frac_anti": (b_rows > a_rows).float().mean(),
+                  "grad_band": (a_rows * (1 - a_rows) > GRAD_BAND).float().mean()}
+        stats = torch.stack([values[k].float() for k in STEP_STATS])
+        meta_norm = meta_grad_norm.float() if meta_grad_norm is not None else stats.new_zeros(())
+        self._stat_sums += torch.cat([torch.where(ok, stats, 0), ok.view(1), bad.view(1), meta_norm.view(1)]).double()
+        self._meta_steps += meta_grad_norm is not None
+        self._record_bad(bad)
+        self.iteration += 1
         if meta_grad_norm is not None:
-            values.append(meta_grad_norm)
-            keys.append("meta_grad_norm")
-        return dict(zip(keys, torch.stack(values).tolist()), meta_step=meta_stepped, iteration=self.iteration)
+            values["meta_grad_norm"] = meta_grad_norm
+        return StepStats(dict(values, skipped=bad), dict(meta_step=meta_stepped, iteration=self.iteration))
 
-    def _nonfinite(self, what: str, terms) -> dict:
+    def _record_bad(self, bad: Tensor) -> None:
+        self._skipped_total += bad
+        self._first_bad = torch.where(bad & (self._first_bad < 0), self.iteration, self._first_bad)
+
+    def _nonfinite(self, what: str, terms) -> StepStats:
+        """A non-finite step found on the host (no fused optimizer): raise, or skip and count it."""
         if not self.config.skip_nonfinite:
             raise FloatingPointError(
                 f"non-finite training {what} at iteration {self.iteration} "
                 f"(loss terms: natural {terms.natural.item()}, boundary {terms.boundary.item()}, "
                 f"anti {terms.anti.item()}); no update was applied")
-        self.skipped_steps += 1
+        self._skipped_total += 1
+        self._stat_sums[len(STEP_STATS) + 1] += 1
         self.iteration += 1
-        return {"loss": float("nan"), "skipped": True, "iteration": self.iteration, "meta_step": False}
+        return StepStats({}, dict(loss=math.nan, skipped=True, iteration=self.iteration, meta_step=False))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far for a non-finite loss or gradient (reading it synchronises)."""
+        return int(self._skipped_total)
+
+    def read_stats(self) -> dict:
+        """The step statistics since the last call, in one host synchronisation: the means of
+        STEP_STATS over the applied steps, "steps" (applied), "skipped", "meta_steps" and
+        "meta_grad_norm" (mean over meta steps; None without one). Raises what the steps
+        deferred: a batch outside the image box [0, 1] or with labels out of range
+        (ValueError), a non-finite loss or gradient (FloatingPointError, unless skip_nonfinite;
+        such a step applied no update)."""
+        k = len(STEP_STATS)
+        host = torch.cat([self._stat_sums, self._seen_low.double(), self._seen_high.double(),
+                          self._first_bad.double().view(1)]).tolist()
+        meta_steps = self._meta_steps
+        self._stat_sums.zero_()
+        self._seen_low.fill_(math.inf)
+        self._seen_high.fill_(-math.inf)
+        self._first_bad.fill_(-1)
+        self._meta_steps = 0
+        sums, (steps, skipped, meta_sum), (x_lo, y_lo, x_hi, y_hi, first_bad) = host[:k], host[k:k + 3], host[k + 3:]
+        if x_lo < 0 or x_hi > 1:
+            raise box_error("x", x_lo, x_hi, 0.0, 1.0)
+        if y_lo < 0 or y_hi >= self.config.num_classes:
+            raise label_error(int(y_lo), int(y_hi), self.config.num_classes)
+        if first_bad >= 0 and not self.config.skip_nonfinite:
+            raise FloatingPointError(f"non-finite training loss or gradient at iteration {int(first_bad)}; "
+                                     "no update was applied in that step")
+        out = {key: value / steps if steps else math.nan for key, value in zip(STEP_STATS, sums)}
+        out.update(steps=int(steps), skipped=int(skipped), meta_steps=meta_steps,
+                   meta_grad_norm=meta_sum / meta_steps if meta_steps else None)
+        return out
 
     @property
     def _a_boundary(self) -> float | None:
@@ -332,9 +483,9 @@ class AAATrainer:
         (its own pair built against W, a = b = 1) plus the collapse guard, Adam step on Omega.
         Returns the meta-gradient's norm (a 0-d tensor)."""
         cfg = self.config
-        x_meta, y_meta = self._inputs(x_meta, y_meta)
+        x_meta, y_meta = self._inputs(x_meta, y_meta, "meta batch")
         n = x.shape[0]
-        meta_pair = self._pair(x_meta, y_meta, self._clean_logits(x_meta, y_meta), self._row_bounds(y_meta))
+        meta_pair = self._pair(x_meta, y_meta, self._clean_logits(x_meta), self._row_bounds(y_meta))
         meta_rows = [x_meta, meta_pair[:x_meta.shape[0]], meta_pair[x_meta.shape[0]:]]
         # fp16 double-backward would need its own loss scaling: the lookahead runs in fp32 then
         amp_dtype = None if self.amp_dtype == torch.float16 else self.amp_dtype
@@ -413,6 +564,7 @@ class AAATrainer:
             classwise_nat_err, classwise_bdy_err = result.nat_err, result.bdy_err
             out.update(result.summary())
         self.fairness.update(classwise_nat_err, classwise_bdy_err)
+        self._refresh_fairness_tensors()
         return out
 
     def state_dict(self) -> dict:
@@ -448,15 +600,17 @@ class AAATrainer:
                                  f"this trainer has {key}={getattr(self.config, key)!r}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._device_skip = self._prepare_device_skip(self.optimizer)  # the saved groups' "fused" wins
         if self.meta_net is not None:
             self.meta_net.load_state_dict(state["meta_net"])
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.fairness.load_state_dict(state["fairness"])
+        self._refresh_fairness_tensors()
         self.class_loss_avg = state["class_loss_avg"].to(self.device)
         self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
         self._epoch_loss_count = state["epoch_loss_count"].to(self.device)
         self.iteration = int(state["iteration"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self._skipped_total.fill_(int(state["skipped_steps"]))
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

@@ -6,7 +6,11 @@
 - the straightforward reference implementation (benchmarks/baselines/reference_aaa.py);
 - the forward/backward passes an AAA iteration minimally needs, timed bare: the clean eval
   forward, K attack steps of forward + input-gradient backward on 2N rows, and the train
-  forward + backward on 3N rows.
+  forward + backward on 3N rows;
+- on CUDA: AAA with its attacks run eagerly instead of replayed from CUDA graphs, the FLOPs of
+  the minimal passes (torch.utils.flop_counter) and what an AAA iteration achieves with them
+  (TFLOP/s, and MFU against --peak-tflops, default the GPU's dense bf16/fp16 peak when known),
+  and the peak GPU memory.
 
     python benchmarks/bench_train_step.py [--arch preact-resnet18] [--batch 128] [--steps 10]
         [--amp bf16] [--channels-last] [--compile] [--device cuda]
@@ -45,6 +49,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the model for aaa_fast's steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: dense bf16/fp16 peak of a known GPU with --amp)")
     args = p.parse_args()
     device = torch.device(args.device)
     kept = keep_cpu_memory()
@@ -59,12 +65,14 @@ def main():
     xm = torch.rand(args.meta_batch, channels, size, size, generator=g).to(device)
     ym = (torch.arange(args.meta_batch) % 10).to(device)
 
+    fused = device.type == "cuda"  # as the CLI: the sync-free step
+
     def fresh(method, **cfg):
         torch.manual_seed(0)
         model = build_model(args.arch, in_channels=channels).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
         meta = MetaNet().to(device) if method == "aaa" else None
-        meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-4) if meta is not None else None
+        meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-4, fused=fused) if meta is not None else None
         config = AAAConfig(method=method, steps=args.steps, amp=args.amp, channels_last=args.channels_last,
                            compile=args.compile, **cfg)
         return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
@@ -98,6 +106,9 @@ def main():
         loss.backward()
 
     plain_fns = {"aaa": lambda: plain.step(x, y, xm, ym), "minimal": minimal}
+    if device.type == "cuda":
+        eager = fresh("aaa", meta_every=10**9, cuda_graphs=False)
+        plain_fns["aaa, no CUDA graphs"] = lambda: eager.step(x, y, xm, ym)
     meta_fns = {"aaa": lambda: aaa.step(x, y, xm, ym)}
     if not args.skip_reference:
         torch.manual_seed(0)
@@ -118,6 +129,9 @@ def main():
     for name in ("aaa", "reference") if not args.skip_reference else ("aaa",):
         rows[f"{name} (meta every 50)"] = (t_meta[name] + 49 * t_plain[name]) / 50
         rows[f"{name} (meta every 1)"] = t_meta[name]
+    if "aaa, no CUDA graphs" in t_plain:
+        rows["aaa (no meta step)"] = t_plain["aaa"]
+        rows["aaa (no meta step), eager"] = t_plain["aaa, no CUDA graphs"]
 
     baseline_of = {f"aaa (meta every {k})": f"reference (meta every {k})" for k in (1, 50)}
     print(f"{'step':<28} {'s/iter':>8} {'iter/s':>8} {'vs reference':>12}")
@@ -127,6 +141,25 @@ def main():
         print(f"{name:<28} {t:>8.3f} {1 / t:>8.3f} {ratio:>12}")
     print(f"{'minimal fwd/bwd passes':<28} {t_min:>8.3f} {1 / t_min:>8.3f}")
     print(f"aaa (no meta step) / minimal passes: {t_plain['aaa'] / t_min:.3f}x")
+    if device.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            minimal()
+        tflop = counter.get_total_flops() / 1e12
+        achieved = tflop / t_plain["aaa"]
+        peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if args.amp != "none" else None)
+        mfu = f", MFU {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else " (MFU: pass --peak-tflops)"
+        print(f"minimal passes: {tflop * 1e3:.1f} GFLOP per iteration; aaa (no meta step) achieves "
+              f"{achieved:.1f} TFLOP/s{mfu}")
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+
+def peak_tflops(name: str) -> float | None:
+    """Dense bf16/fp16 tensor-core peak (vendor data sheets, SXM parts) of GPUs we have run on."""
+    for key, value in (("H200", 989.4), ("H100", 989.4), ("A100", 312.0)):
+        if key in name:
+            return value
+    return None
 
 
 if __name__ == "__main__":

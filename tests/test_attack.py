@@ -8,8 +8,6 @@ import aaa_fast
 from aaa_fast import adversarial_pair, perturb
 from aaa_fast.models import build_model
 
-torchattacks = pytest.importorskip("torchattacks")
-
 
 def small_cnn(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
@@ -44,6 +42,7 @@ def plain_pgd(model, x, y, direction, eps, alpha, steps):
 
 @pytest.mark.parametrize("arch", ["small-cnn", "mlp"])
 def test_equals_torchattacks_pgd(arch):
+    torchattacks = pytest.importorskip("torchattacks")
     if arch == "mlp":
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.Tanh(), nn.Linear(64, 10)).eval()
@@ -251,3 +250,72 @@ def test_pair_bad_input():
         adversarial_pair(model, x, y, eps=torch.ones(6))
     with pytest.raises(ValueError, match="adv_loss"):
         adversarial_pair(model, x, y, adv_loss="mse")
+
+
+# ---------------------------------------------------------------- CUDA graphs (run on a GPU only)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["ce", "kl", "pair-kl", "pair-ce"])
+def test_graph_replay_equals_the_eager_attack(kind, amp_dtype, monkeypatch):
+    from aaa_fast.attack import AttackGraphs, loss_for, run_attack, run_pgd
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    model = small_cnn().cuda().to(memory_format=torch.channels_last)
+    graphs = AttackGraphs(steps=4, norm="linf", amp_dtype=amp_dtype)
+    rows = 2 if kind.startswith("pair") else 1
+
+    def case(seed, n):
+        x, y = (t.cuda() for t in batch(n, seed=seed))
+        x = torch.cat([x] * rows).contiguous(memory_format=torch.channels_last)
+        start = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+        direction = torch.ones(rows * n, device="cuda")
+        direction[n:] = -1 if rows == 2 else 1
+        eps = torch.linspace(0.02, 0.1, rows * n, device="cuda")
+        alpha = eps / 3
+        with torch.no_grad():
+            clean = model(x[:n])
+        args = (x, start, y, clean, direction, eps, alpha)
+        eager = run_pgd(model, x, start.clone(), y, loss_for(kind, clean), direction, eps, alpha, 4, "linf", 0.0,
+                        1.0, amp_dtype)
+        graphed = run_attack(model, kind, *args, steps=4, norm="linf", lo=0.0, hi=1.0, amp_dtype=amp_dtype,
+                             graphs=graphs)
+        assert torch.equal(graphed, eager)
+        assert (graphed - x).abs().amax() > 0  # it moved
+
+    case(1, 12)
+    case(2, 12)  # replayed with new inputs
+    with torch.no_grad():  # an optimizer step between replays is seen
+        for p in model.parameters():
+            p.mul_(1.1)
+    case(3, 12)
+    case(4, 5)  # another shape: another graph
+    assert len(graphs.entries) == 2 and graphs.enabled
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["pgd-at", "trades", "aaa"])
+def test_trainer_with_cuda_graphs_trains_like_the_eager_one(method, monkeypatch):
+    from aaa_fast import AAAConfig, AAATrainer
+    from aaa_fast.trainer import make_meta_net
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    x, y = (t.cuda() for t in batch(16))
+    x_meta, y_meta = (t.cuda() for t in batch(8, seed=5))
+
+    def trainer(graphs):
+        model = small_cnn().cuda()
+        config = AAAConfig(method=method, steps=3, eps=0.1, alpha=0.04, meta_every=2, cuda_graphs=graphs)
+        meta = make_meta_net(config, seed=1) if method == "aaa" else None
+        return AAATrainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True),
+                          meta_net=meta, meta_optimizer=torch.optim.Adam(meta.parameters(), fused=True) if meta else None,
+                          config=config)
+
+    graphed, eager = trainer(True), trainer(False)
+    assert graphed.attack_graphs is not None and eager.attack_graphs is None
+    for _ in range(3):
+        graphed.step(x, y, x_meta, y_meta)
+        eager.step(x, y, x_meta, y_meta)
+    assert graphed.attack_graphs.enabled and graphed.attack_graphs.entries
+    for p, q in zip(graphed.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import aaa_fast
 from aaa_fast import AAAConfig, AAATrainer, MetaNet
@@ -264,7 +265,7 @@ def test_first_meta_step_moves_the_trades_init():
     x, y = toy_problem(32)
     x_meta, y_meta = toy_problem(16, seed=1)
     trainer = make_trainer("aaa", meta_every=1)
-    features = sample_features(trainer._clean_logits(*trainer._inputs(x, y)), y, trainer.class_loss_avg,
+    features = sample_features(trainer._clean_logits(trainer._inputs(x, y)[0]), y, trainer.class_loss_avg,
                                trainer.class_share)
     with torch.no_grad():
         a_before, _, _ = trainer.meta_net.train()(features)
@@ -291,7 +292,7 @@ def test_collapse_guard_adds_the_gradient_of_the_excess_anti_share():
         meta_net = MetaNet(start_a=0.1)  # every row starts on the anti side: mean b ~ 0.9
         trainer = make_trainer("aaa", meta_net=meta_net, meta_every=1, anti_cap=cap)
         if cap == 0.5:
-            features = sample_features(trainer._clean_logits(*trainer._inputs(x, y)), y, trainer.class_loss_avg,
+            features = sample_features(trainer._clean_logits(trainer._inputs(x, y)[0]), y, trainer.class_loss_avg,
                                        trainer.class_share)
             twin = copy.deepcopy(meta_net).train()
             _, b, _ = twin(features)
@@ -347,3 +348,139 @@ def test_meta_net_start_depends_on_the_seed_it_is_given():
     assert torch.equal(state, torch.get_rng_state())  # the global random state is left alone
     assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
     assert not torch.equal(same[0]["net.1.weight"], other["net.1.weight"])
+
+
+# ---------------------------------------------------------------- host synchronisations
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "bincount", "unique", "_unique", "_unique2",
+               "unique_consecutive", "unique_dim", "masked_select", "equal"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the calls that make the host wait for the device's results: scalar reads (item,
+    bool, float), value-dependent output shapes (nonzero, bincount, unique, masked_select), and
+    Tensor.tolist/numpy (which bypass the dispatcher on the CPU, so they are patched)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.calls = []
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _original=original, _name=name, **kwargs):
+                self.calls.append(_name)
+                return _original(t, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket.__name__ in SYNCING_OPS:
+            self.calls.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def fused_trainer(method, device, **cfg):
+    torch.manual_seed(0)
+    model = build_model("small-cnn", in_channels=1, num_classes=4).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, fused=True)
+    config = AAAConfig(method=method, num_classes=4, steps=2, meta_every=1, eps=0.1, alpha=0.05, **cfg)
+    meta = make_meta_net(config, seed=1) if method == "aaa" else None
+    meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-3, fused=True) if meta is not None else None
+    return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa", "aaa-oracle"])
+def test_a_training_step_makes_no_host_synchronisation(method, device, monkeypatch):
+    x, y = (t.to(device) for t in toy_problem(16))
+    x_meta, y_meta = (t.to(device) for t in toy_problem(8, seed=1))
+    corrupted = (torch.arange(16) % 3 == 0).to(device)
+    trainer = fused_trainer(method, device)
+    trainer.step(x, y, x_meta, y_meta, corrupted=corrupted)  # the first batches are checked on the host
+    trainer.update_fairness(classwise_nat_err=[0.1, 0.2, 0.3, 0.4], classwise_bdy_err=[0.4, 0.3, 0.2, 0.1])
+    counter = SyncCounter(monkeypatch)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with counter:
+            for _ in range(2):  # method 'aaa': a meta step in each
+                trainer.step(x, y, x_meta, y_meta, corrupted=corrupted)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert counter.calls == []
+    assert trainer.read_stats()["steps"] == 3
+
+
+def test_read_stats_are_the_means_of_the_steps():
+    x, y = toy_problem(16)
+    x_meta, y_meta = toy_problem(8, seed=1)
+    trainer = fused_trainer("aaa", "cpu")
+    trainer.config.meta_every = 2
+    steps = [dict(trainer.step(x, y, x_meta, y_meta)) for _ in range(3)]
+    read = trainer.read_stats()
+    for key in aaa_fast.trainer.STEP_STATS:
+        assert read[key] == pytest.approx(sum(s[key] for s in steps) / 3, rel=1e-6), key
+    assert read["meta_steps"] == 2 and read["steps"] == 3 and read["skipped"] == 0
+    assert read["meta_grad_norm"] == pytest.approx((steps[0]["meta_grad_norm"] + steps[2]["meta_grad_norm"]) / 2)
+    assert trainer.read_stats()["steps"] == 0  # reading starts the sums afresh
+
+
+def test_fused_optimizer_trains_like_the_plain_one():
+    x, y = toy_problem()
+    plain, fused = make_trainer("trades", eps=0.1, alpha=0.05), fused_trainer("trades", "cpu", lam=1.5)
+    plain.config.steps = fused.config.steps = 2
+    for _ in range(3):
+        plain.step(x, y)
+        fused.step(x, y)
+    for p, q in zip(plain.model.parameters(), fused.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_later_batch_is_reported_by_read_stats():
+    x, y = toy_problem(16)
+    trainer = fused_trainer("trades", "cpu")
+    trainer.step(x, y)
+    trainer.step(x, torch.where(y == 3, 7, y))  # checked on the device: labels clamped, error deferred
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\].*got values in \[0, 7\]"):
+        trainer.read_stats()
+    trainer.step(x * 255, y)
+    with pytest.raises(ValueError, match=r"x must hold images in \[0.0, 1.0\]"):
+        trainer.read_stats()
+    trainer.step(x, y)
+    assert trainer.read_stats()["steps"] == 1  # the errors were cleared with their report
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_nonfinite_step_is_skipped_on_the_device(skip):
+    x, y = toy_problem(8)
+    trainer = fused_trainer("erm", "cpu", skip_nonfinite=skip)
+    trainer.step(x, y)
+    before = [p.clone() for p in trainer.model.parameters()]
+    momentum = [trainer.optimizer.state[p]["momentum_buffer"].clone() for p in trainer.model.parameters()]
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    assert trainer.step(bad, y)["skipped"]
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert all(torch.equal(m, trainer.optimizer.state[p]["momentum_buffer"])
+               for m, p in zip(momentum, trainer.model.parameters()))
+    if skip:
+        assert trainer.read_stats()["skipped"] == 1 and trainer.skipped_steps == 1
+    else:
+        with pytest.raises(FloatingPointError, match="iteration 1"):
+            trainer.read_stats()
+
+
+def test_a_skipped_first_fused_step_leaves_no_uninitialised_momentum():
+    x, y = toy_problem(8)
+    trainer = fused_trainer("erm", "cpu", skip_nonfinite=True)
+    reference = fused_trainer("erm", "cpu")
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    trainer._checked_first["batch"] = reference._checked_first["batch"] = True
+    trainer.step(bad, y)
+    trainer.step(x, y)
+    reference.step(x, y)
+    for p, q in zip(trainer.model.parameters(), reference.model.parameters()):
+        assert torch.equal(p, q)

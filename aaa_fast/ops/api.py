@@ -230,9 +230,17 @@ def random_init(x_nat: Tensor, eps, *, norm: str = "linf", lo: float = 0.0, hi: 
     if x_nat.dtype not in STORAGE_DTYPES:
         raise TypeError(f"x_nat must be float32, float16, bfloat16 or float64, got {x_nat.dtype}")
     _check_norm_bounds(norm, lo, hi)
-    n = x_nat.shape[0]
-    e, e_bad = per_sample("eps", eps, n, x_nat.device, nonneg=True)
+    e, e_bad = per_sample("eps", eps, x_nat.shape[0], x_nat.device, nonneg=True)
     raise_on_flags({"eps": e_bad}, {"eps": "finite and >= 0 in every row"})
+    if e_bad is not None:
+        VALIDATED.add(eps, "nonneg")
+    return uniform_start(x_nat, e, norm, lo, hi, generator)
+
+
+def uniform_start(x_nat: Tensor, e: Tensor, norm: str, lo: float, hi: float,
+                  generator: torch.Generator | None) -> Tensor:
+    """random_init on validated arguments (float32 (N,) eps on x_nat's device): no checks."""
+    n = x_nat.shape[0]
     per_row = (-1,) + (1,) * (x_nat.dim() - 1)
     opts = dict(dtype=torch.float32, device=x_nat.device, generator=generator)
     if norm == "linf":
