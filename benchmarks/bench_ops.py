@@ -9,25 +9,44 @@ For N in {128, 512, 2048} samples of 3x32x32, fp32 and bf16, times:
   difference to the fused kernel is the public op's host overhead; use a small N, e.g. --sizes 8,
   to see it alone).
 A step moves 4 streams (read x_adv, x_nat, grad; write x_adv). GB/s counts those bytes.
+"time us" is per call with the device synchronised (on a GPU: the longer of the host's and the
+device's time); "host us" is the host's time per call alone, calls queued without waiting (on a
+CPU the two are the same). A public op whose host time exceeds the kernel's device time keeps a
+GPU waiting.
 
     python benchmarks/bench_ops.py [--sizes 128 512 2048] [--dtypes float32 bfloat16] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import platform
+import time
 
 import torch
 import torch.utils.benchmark as tbench
 
 from aaa_fast import ops
-from aaa_fast.ops.api import launch_pgd_step_, prepare_step_args
+from aaa_fast.ops import launch_pgd_step_, prepare_step_args
 from aaa_fast.ops.backends import backend_supports
 
 
 def time_s(fn, min_run_time: float) -> float:
     fn()  # warm-up (and compilation)
     return tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def host_time_s(fn, device: torch.device, calls: int = 200) -> float:
+    """Host seconds per call, the device not waited for (fewer calls than the launch queue holds)."""
+    if device.type != "cuda":
+        return math.nan
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return host
 
 
 def machine(device: torch.device) -> str:
@@ -69,7 +88,9 @@ def bench_case(n: int, dtype: torch.dtype, device: torch.device, min_run_time: f
         if "fused" in backend_name or "public" in backend_name:
             ops.set_backend(backend_name.split()[0])
         t = time_s(fn, min_run_time)
-        results.append(dict(n=n, dtype=str(dtype).removeprefix("torch."), impl=backend_name, us=t * 1e6, gbps=nbytes / t / 1e9))
+        host = host_time_s(fn, device)
+        results.append(dict(n=n, dtype=str(dtype).removeprefix("torch."), impl=backend_name, us=t * 1e6,
+                            host_us=(t if math.isnan(host) else host) * 1e6, gbps=nbytes / t / 1e9))
     ops.set_backend(None)
     return results
 
@@ -83,7 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"# bench_ops: {machine(device)}; backends here: {ops.available_backends()}")
-    print(f"{'N':>5} {'dtype':>8}  {'implementation':<26} {'time us':>9} {'GB/s':>7} {'vs compiled':>11} {'of add BW':>9}")
+    print(f"{'N':>5} {'dtype':>8}  {'implementation':<26} {'time us':>9} {'host us':>8} {'GB/s':>7} {'vs compiled':>11} "
+          f"{'of add BW':>9}")
     for dtype in args.dtypes:
         for n in args.sizes:
             rows = bench_case(n, getattr(torch, dtype), device, args.min_run_time)
@@ -91,7 +113,7 @@ def main() -> None:
             add = next(r for r in rows if r["impl"].startswith("torch.add"))
             for r in rows:
                 speedup = compiled["us"] / r["us"]
-                print(f"{r['n']:>5} {r['dtype']:>8}  {r['impl']:<26} {r['us']:>9.1f} {r['gbps']:>7.2f} "
+                print(f"{r['n']:>5} {r['dtype']:>8}  {r['impl']:<26} {r['us']:>9.1f} {r['host_us']:>8.1f} {r['gbps']:>7.2f} "
                       f"{speedup:>10.2f}x {r['gbps'] / add['gbps']:>8.0%}")
 
 
