@@ -31,14 +31,18 @@ if ! AAA_FAST_NO_REBUILD=1 "$python" -c "$has_kernels" > /dev/null 2>&1; then
     MAX_JOBS=${MAX_JOBS:-8} run build.log 300 "$python" setup.py build_ext --inplace
 fi
 export AAA_FAST_NO_REBUILD=1  # a failed build must not make every process below compile again
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the benchmarks import aaa_fast from this checkout
 "$python" -c "$has_kernels" 2>&1 | tail -1 | tee -a "$out/versions.txt"
 run bench_ops.txt 90 "$python" benchmarks/bench_ops.py --sizes 8 128 2048 --dtypes float32 bfloat16 --min-run-time 0.1
 cat "$out/bench_ops.txt"
-# the tests that put tensors on CUDA (every backend x device), with Triton compiled for the GPU
-run tests.log 150 env CUDA_VISIBLE_DEVICES_FOR_TESTS=1 "$python" -m pytest -q -p no:cacheprovider \
-    tests/test_ops_api.py tests/test_ops.py tests/test_attack.py tests/test_trainer.py -k "cuda or triton or compile or graph"
-tail -3 "$out/tests.log"
+# the tests that put tensors on CUDA (every backend x device), with Triton compiled for the GPU:
+# the newest first (CUDA graphs, the sync-free step), every test named as it runs (-v), so a cut
+# run still says what passed and what failed
+run tests.log 200 env CUDA_VISIBLE_DEVICES_FOR_TESTS=1 "$python" -m pytest -v -p no:cacheprovider --tb=short \
+    tests/test_attack.py tests/test_trainer.py tests/test_ops_api.py tests/test_ops.py -k "cuda or triton or compile or graph"
+grep -E "FAILED|ERROR" "$out/tests.log" | head -20; tail -1 "$out/tests.log"
 for arch in preact-resnet18 wrn28-10; do
-    run "bench_train_step_$arch.txt" 90 "$python" benchmarks/bench_train_step.py --arch "$arch" --amp bf16 --channels-last
+    run "bench_train_step_$arch.txt" 90 "$python" benchmarks/bench_train_step.py --arch "$arch" --amp bf16 --channels-last \
+        --repeats 2
     tail -12 "$out/bench_train_step_$arch.txt"
 done

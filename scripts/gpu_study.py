@@ -9,6 +9,8 @@ from it), which is one job run in order. Chains start first (they are the longes
 other runs in the config's method order (its order of priority). With --deadline the pool starts
 no job after that many seconds and then SIGTERMs the runners still going: each run checkpoints
 and stops, and running this again resumes it. The result is the serial grid's, only sooner.
+--pack FILE.tar.gz then writes the results (no checkpoints, no plots) as one archive, the form
+in which a lent machine's output comes back whole.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--deadline", type=float, default=None, help="seconds after which runners are stopped")
     p.add_argument("--logs", default="runs/gpu_study_logs")
+    p.add_argument("--pack", default=None, help="write the results (json, csv, logs) to this .tar.gz at the end")
     args = p.parse_args(argv)
     grid = load_grid(args.config)
     queue = jobs(grid)
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             failed += proc.returncode not in (0, 130)
             print(f"gpu_study: {name} exit {proc.returncode} at {time.time() - t0:.0f}s", flush=True)
     print(f"gpu_study: done in {time.time() - t0:.0f}s, {failed} job(s) failed", flush=True)
+    if args.pack:
+        with tarfile.open(args.pack, "w:gz") as tar:
+            tar.add(grid["out"], filter=lambda info: None if info.name.endswith((".pt", ".png")) else info)
+            tar.add(args.logs)
     return 1 if failed else 0
 
 

@@ -59,7 +59,7 @@ def reference_iteration(model, optimizer, meta_net, meta_optimizer, x, y, x_meta
         _swap_parameters(shadow, new)
         model.eval()
         xm_adv, xm_anti = reference_pair(model, x_meta, y_meta, eps, alpha, steps)
-        ones = torch.ones(x_meta.shape[0])
+        ones = torch.ones(x_meta.shape[0], device=x_meta.device)
         meta_loss = _loss(shadow, x_meta, xm_adv, xm_anti, y_meta, ones, ones, lam)
         meta_optimizer.zero_grad()
         meta_loss.backward()
