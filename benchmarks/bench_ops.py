@@ -4,8 +4,8 @@ For N in {128, 512, 2048} samples of 3x32x32, fp32 and bf16, times:
 - eager: the plain-PyTorch reference (aaa_fast.ops.pgd_step_reference), out of place;
 - compiled: torch.compile of that reference;
 - add: torch.add(a, b, out=c), three memory streams: the practical bandwidth ceiling;
-- each native backend available here (cpu / cuda / triton), in place, on validated arguments,
-  and the public pgd_step_ with its argument checks, given (N,) tensors or Python numbers (the
+- each native backend available here (cpu / cuda / triton), in place, on validated arguments
+  (the registered torch.ops op bare, and through the validated tier's launch_pgd_step_), and the public pgd_step_ with its argument checks, given (N,) tensors or Python numbers (the
   difference to the fused kernel is the public op's host overhead; use a small N, e.g. --sizes 8,
   to see it alone).
 A step moves 4 streams (read x_adv, x_nat, grad; write x_adv). GB/s counts those bytes.
@@ -80,12 +80,15 @@ def bench_case(n: int, dtype: torch.dtype, device: torch.device, min_run_time: f
             continue
         ops.set_backend(backend)
         d, e, a = prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, "linf", 0.0, 1.0)
+        if backend != "triton":  # the registered op itself, no Python around it
+            bare = torch.ops.aaa_fast.pgd_step_.default
+            rows.append((f"{backend} bare torch.ops", lambda: bare(x_adv, x_nat, grad, d, e, a, "linf", 0.0, 1.0), nbytes_step))
         rows.append((f"{backend} fused kernel", lambda: launch_pgd_step_(x_adv, x_nat, grad, d, e, a, "linf", 0.0, 1.0), nbytes_step))
         rows.append((f"{backend} public pgd_step_", lambda: ops.pgd_step_(x_adv, x_nat, grad, direction, eps, alpha), nbytes_step))
         rows.append((f"{backend} public, numbers", lambda: ops.pgd_step_(x_adv, x_nat, grad, 1, 8 / 255, 2 / 255), nbytes_step))
     results = []
     for backend_name, fn, nbytes in rows:
-        if "fused" in backend_name or "public" in backend_name:
+        if any(word in backend_name for word in ("fused", "public", "bare")):
             ops.set_backend(backend_name.split()[0])
         t = time_s(fn, min_run_time)
         host = host_time_s(fn, device)
