@@ -14,9 +14,9 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DatasetError, load_dataset
-from .evaluation import final_evaluation, format_final, model_for
+from .cli import HelpFormatter, number_arg
+from .evaluation import check_test_subset, final_evaluation, format_final, model_for
 from .runtime import run_cli
-from .train import HelpFormatter, number_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +50,7 @@ def main(argv=None) -> None:
     for name in ("eval_eps", "eval_steps", "test_subset"):
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
-    if run.test_subset is not None and run.test_subset < data.num_classes:
-        raise SystemExit(f"error: --test-subset must be at least the number of classes ({data.num_classes}), "
-                         f"got {run.test_subset}")
+    check_test_subset(run.test_subset, data.num_classes)
     run.autoattack = args.autoattack
     device = torch.device(args.device)
     model = model_for(run.arch, data, device)

@@ -124,6 +124,13 @@ def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label:
     return out
 
 
+def check_test_subset(test_subset: int | None, num_classes: int) -> None:
+    """The final test subset is class-balanced: it needs at least one image per class."""
+    if test_subset is not None and test_subset < num_classes:
+        raise SystemExit(f"error: --test-subset must be at least the number of classes ({num_classes}), "
+                         f"got {test_subset}")
+
+
 def final_test_set(data, test_subset: int | None, device) -> tuple[Tensor, Tensor]:
     """The test images of the final evaluation: all, or a class-balanced subset that is the same for
     every seed and method (drawn with a fixed generator)."""

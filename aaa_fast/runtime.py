@@ -1,5 +1,6 @@
 """Process-level helpers for the CLIs: CPU memory settings (opt-in: the library never calls
-them by itself; the CLI and the benchmarks do), run-directory ownership, progress lines."""
+them by itself; the CLI and the benchmarks do), run-directory ownership and checks, progress
+lines, torchrun data parallelism, stop signals, and the CLI's error reporting."""
 from __future__ import annotations
 
 import ctypes
@@ -8,9 +9,14 @@ import fcntl
 import functools
 import math
 import os
+import shutil
+import signal
 import socket
 import sys
 import time
+
+import torch
+import torch.distributed as dist
 
 # mallopt parameters from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -111,3 +117,76 @@ def run_cli(main, argv=None) -> None:
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"error: {type(exc).__name__}: {first} (set AAA_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def check_out_dir(out: str) -> None:
+    """Fail before training, not after hours, if the output directory cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write to --out {out}: {exc}") from None
+    free = shutil.disk_usage(out).free
+    if free < 100 << 20:
+        raise SystemExit(f"error: only {free >> 20} MiB free under --out {out}; checkpoints need more")
+
+
+class Distributed:
+    """torchrun data parallelism: each rank takes its share of every global batch; gradients of
+    the model and the meta-net are averaged, BatchNorm buffers follow rank 0."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+            if device == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        if self.world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        if self.world > 1:
+            for b in module.buffers():
+                dist.broadcast(b, 0)
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+class StopRequested:
+    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nreceived signal {signum}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)

@@ -217,7 +217,7 @@ class AAATrainer:
         self._seen_low = torch.full((2,), math.inf, device=self.device)   # (x, y) minima of deferred checks
         self._seen_high = torch.full((2,), -math.inf, device=self.device)
         # data parallelism: called with the model's (and the meta-net's) gradients before each
-        # optimizer step, e.g. to average them across ranks (see aaa_fast.train.Distributed)
+        # optimizer step, e.g. to average them across ranks (see aaa_fast.runtime.Distributed)
         self.grad_sync: Callable[[list[Tensor]], None] | None = None
 
     # ------------------------------------------------------------------ helpers

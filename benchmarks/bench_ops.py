@@ -22,6 +22,7 @@ import argparse
 import math
 import platform
 import time
+from typing import Callable
 
 import torch
 import torch.utils.benchmark as tbench
@@ -55,7 +56,9 @@ def machine(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def bench_case(n: int, dtype: torch.dtype, device: torch.device, min_run_time: float) -> list[dict]:
+def implementations(n: int, dtype: torch.dtype, device: torch.device) -> list[tuple[str, str | None, Callable, int]]:
+    """(name, backend to select first or None, fn, bytes moved per call) of every implementation
+    timed on an (n, 3, 32, 32) batch; benchmarks/test_bench_ops.py times the same list."""
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (n, 3, 32, 32)
     x_nat = torch.rand(shape, generator=gen, device=device).to(dtype)
@@ -64,35 +67,43 @@ def bench_case(n: int, dtype: torch.dtype, device: torch.device, min_run_time: f
     direction = (torch.arange(n, device=device) % 3 - 1).float()
     eps = torch.full((n,), 8 / 255, device=device)
     alpha = torch.full((n,), 2 / 255, device=device)
-    nbytes_step = 4 * x_nat.numel() * x_nat.element_size()
-    nbytes_add = 3 * x_nat.numel() * x_nat.element_size()
-
+    step_bytes = 4 * x_nat.numel() * x_nat.element_size()
     ref_args = (x_adv, x_nat, grad, direction, eps, alpha, "linf", 0.0, 1.0)
     compiled_ref = torch.compile(ops.pgd_step_reference)
     out = torch.empty_like(x_nat)
     rows = [
-        ("eager reference", lambda: ops.pgd_step_reference(*ref_args), nbytes_step),
-        ("torch.compile(reference)", lambda: compiled_ref(*ref_args), nbytes_step),
-        ("torch.add(out=) ceiling", lambda: torch.add(x_nat, grad, out=out), nbytes_add),
+        ("eager reference", None, lambda: ops.pgd_step_reference(*ref_args), step_bytes),
+        ("torch.compile(reference)", None, lambda: compiled_ref(*ref_args), step_bytes),
+        ("torch.add(out=) ceiling", None, lambda: torch.add(x_nat, grad, out=out), 3 * x_nat.numel() * x_nat.element_size()),
     ]
     for backend in ("cpu", "cuda", "triton"):
         if not backend_supports(backend, device):
             continue
         ops.set_backend(backend)
         d, e, a = prepare_step_args(x_adv, x_nat, grad, direction, eps, alpha, "linf", 0.0, 1.0)
+        ops.set_backend(None)
         if backend != "triton":  # the registered op itself, no Python around it
             bare = torch.ops.aaa_fast.pgd_step_.default
-            rows.append((f"{backend} bare torch.ops", lambda: bare(x_adv, x_nat, grad, d, e, a, "linf", 0.0, 1.0), nbytes_step))
-        rows.append((f"{backend} fused kernel", lambda: launch_pgd_step_(x_adv, x_nat, grad, d, e, a, "linf", 0.0, 1.0), nbytes_step))
-        rows.append((f"{backend} public pgd_step_", lambda: ops.pgd_step_(x_adv, x_nat, grad, direction, eps, alpha), nbytes_step))
-        rows.append((f"{backend} public, numbers", lambda: ops.pgd_step_(x_adv, x_nat, grad, 1, 8 / 255, 2 / 255), nbytes_step))
+            rows.append((f"{backend} bare torch.ops", backend, lambda: bare(x_adv, x_nat, grad, d, e, a, "linf", 0.0, 1.0),
+                         step_bytes))
+        rows += [
+            (f"{backend} fused kernel", backend, lambda: launch_pgd_step_(x_adv, x_nat, grad, d, e, a, "linf", 0.0, 1.0),
+             step_bytes),
+            (f"{backend} public pgd_step_", backend, lambda: ops.pgd_step_(x_adv, x_nat, grad, direction, eps, alpha),
+             step_bytes),
+            (f"{backend} public, numbers", backend, lambda: ops.pgd_step_(x_adv, x_nat, grad, 1, 8 / 255, 2 / 255),
+             step_bytes),
+        ]
+    return rows
+
+
+def bench_case(n: int, dtype: torch.dtype, device: torch.device, min_run_time: float) -> list[dict]:
     results = []
-    for backend_name, fn, nbytes in rows:
-        if any(word in backend_name for word in ("fused", "public", "bare")):
-            ops.set_backend(backend_name.split()[0])
+    for name, backend, fn, nbytes in implementations(n, dtype, device):
+        ops.set_backend(backend)
         t = time_s(fn, min_run_time)
         host = host_time_s(fn, device)
-        results.append(dict(n=n, dtype=str(dtype).removeprefix("torch."), impl=backend_name, us=t * 1e6,
+        results.append(dict(n=n, dtype=str(dtype).removeprefix("torch."), impl=name, us=t * 1e6,
                             host_us=(t if math.isnan(host) else host) * 1e6, gbps=nbytes / t / 1e9))
     ops.set_backend(None)
     return results

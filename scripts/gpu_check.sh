@@ -38,7 +38,7 @@ cat "$out/bench_ops.txt"
 # the tests that put tensors on CUDA (every backend x device), with Triton compiled for the GPU:
 # the newest first (CUDA graphs, the sync-free step), every test named as it runs (-v), so a cut
 # run still says what passed and what failed
-run tests.log 200 env CUDA_VISIBLE_DEVICES_FOR_TESTS=1 "$python" -m pytest -v -p no:cacheprovider --tb=short \
+run tests.log 200 env AAA_FAST_TESTS_ON_GPU=1 "$python" -m pytest -v -p no:cacheprovider --tb=short \
     tests/test_attack.py tests/test_trainer.py tests/test_ops_api.py tests/test_ops.py -k "cuda or triton or compile or graph"
 grep -E "FAILED|ERROR" "$out/tests.log" | head -20; tail -1 "$out/tests.log"
 for arch in preact-resnet18 wrn28-10; do

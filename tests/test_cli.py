@@ -10,12 +10,9 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow  # subprocess runs of the CLI: minutes in all
+from helpers import ENV, QUICK
 
-QUICK = ["--dataset", "fashion-mnist", "--arch", "small-cnn", "--epochs", "2", "--batch-size", "64",
-         "--steps", "2", "--num-meta", "50", "--meta-batch-size", "20", "--meta-every", "2", "--eval-steps", "2",
-         "--eval-subset", "50", "--lr", "0.05", "--progress", "lines", "--device", "cpu"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI: minutes in all
 
 
 def run_cli(args, check=True, **kw):
@@ -113,7 +110,7 @@ def test_existing_run_needs_resume_and_matching_config(tmp_path, data_dir):
 def test_meta_net_seed_differs_per_scenario_and_seed():
     from aaa_fast.data import build_scenario
     from aaa_fast.data.datasets import Dataset
-    from aaa_fast.train import meta_net_seed
+    from aaa_fast.run import meta_net_seed
 
     import torch
     x = torch.zeros(200, 1, 4, 4, dtype=torch.uint8)

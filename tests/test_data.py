@@ -11,7 +11,7 @@ from aaa_fast.data import (DatasetError, build_scenario, class_balanced_subset, 
 from aaa_fast.data import datasets as ds
 from aaa_fast.data.datasets import Dataset
 
-from fake_data import fake_cifar, fake_fashion_mnist, write_idx
+from helpers import fake_cifar, fake_fashion_mnist, write_idx
 
 
 def test_fashion_mnist_reads_idx_gz(tmp_path):

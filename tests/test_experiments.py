@@ -176,13 +176,14 @@ def test_hot_start_stage_is_shared_and_methods_can_be_limited_to_scenarios(tmp_p
         assert command[command.index("--init") + 1] == str(pre / "checkpoint.pt")
         assert not (hot / "checkpoint.pt").exists()
     # the fine-tune really started from the stage's weights: 0 epochs of training would give them back
-    from aaa_fast.train import build_parser, train
+    from aaa_fast.run import train
+    from aaa_fast.train import build_parser, resolve_defaults
 
     args = build_parser().parse_args([*grid["common"], *grid["scenarios"]["flip"], "--method", "frl", "--epochs", "1",
                                       "--lr", "1e-12", "--momentum", "0", "--weight-decay", "0", "--init",
                                       str(tmp_path / "res" / "flip" / "Pre" / "seed0" / "checkpoint.pt"),
                                       "--out", str(tmp_path / "tiny-lr"), "--progress", "lines"])
-    train(args)
+    train(resolve_defaults(args))
     start = load_checkpoint(str(tmp_path / "res" / "flip" / "Pre" / "seed0" / "checkpoint.pt"))["trainer"]["model"]
     after = load_checkpoint(str(tmp_path / "tiny-lr" / "checkpoint.pt"))["trainer"]["model"]
     for key, value in start.items():

@@ -18,9 +18,10 @@ from aaa_fast import AAAConfig, AAATrainer, ops, perturb
 from aaa_fast.data import DatasetError, datasets
 from aaa_fast.models import build_model
 from aaa_fast.runtime import RunDirLock, run_cli
-from aaa_fast.train import build_parser, epoch_steps, lr_factor, main as train_main, step_milestones
+from aaa_fast.run import epoch_steps, lr_factor, step_milestones
+from aaa_fast.train import build_parser, main as train_main
 
-from test_cli import ENV, QUICK
+from helpers import ENV, QUICK
 
 # (flag arguments, the flag the message must name): refused by the parser, exit status 2
 BAD_TRAIN_FLAGS = [
@@ -314,7 +315,7 @@ def test_sigterm_during_the_final_evaluation_stops_and_resume_redoes_it(tmp_path
     import signal
     import time
 
-    from fake_data import fake_fashion_mnist
+    from helpers import fake_fashion_mnist
 
     data = fake_fashion_mnist(str(tmp_path / "data"), n_train=300, n_test=1200)
     out = tmp_path / "run"
@@ -337,7 +338,7 @@ def test_sigterm_during_the_final_evaluation_stops_and_resume_redoes_it(tmp_path
 
 @pytest.mark.parametrize("n,batch,world", [(130, 64, 2), (129, 64, 4), (67, 64, 4), (65, 64, 3), (10, 64, 4)])
 def test_every_rank_gets_at_least_two_rows_and_every_row_is_trained(n, batch, world):
-    from aaa_fast.train import batch_rows
+    from aaa_fast.run import batch_rows
 
     order = torch.randperm(n)
     steps = epoch_steps(n, batch)

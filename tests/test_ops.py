@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from aaa_fast import ops
 from aaa_fast.ops import pgd_step, pgd_step_, pgd_step_reference, random_init
 
-from conftest import BACKEND_DEVICE_IDS, BACKEND_DEVICES
+from helpers import BACKEND_DEVICE_IDS, BACKEND_DEVICES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # one unit in the last place at 1.0: the most two roundings of the same fp32 value can differ

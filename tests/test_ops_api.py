@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICE_IDS, BACKEND_DEVICES
+from helpers import BACKEND_DEVICE_IDS, BACKEND_DEVICES
 
 from aaa_fast import ops
 from aaa_fast.ops import pgd_step, pgd_step_, random_init

@@ -1,10 +1,30 @@
-"""Small fake datasets written in the real on-disk formats (CIFAR pickle batches, IDX .gz)."""
+"""What several test files share: small fake datasets written in the real on-disk formats
+(CIFAR pickle batches, IDX .gz), the quick CLI settings and environment of the end-to-end runs,
+and the (backend, device) pairs this machine can test."""
 import gzip
 import os
 import pickle
 import struct
 
 import numpy as np
+import torch
+
+from aaa_fast import ops
+
+# a 2-epoch CLI run on the fake Fashion-MNIST of conftest's data_dir: seconds on one CPU thread
+QUICK = ["--dataset", "fashion-mnist", "--arch", "small-cnn", "--epochs", "2", "--batch-size", "64",
+         "--steps", "2", "--num-meta", "50", "--meta-batch-size", "20", "--meta-every", "2", "--eval-steps", "2",
+         "--eval-subset", "50", "--lr", "0.05", "--progress", "lines", "--device", "cpu"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def devices_for(backend: str) -> list[torch.device]:
+    devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [d for d in devs if ops.backends.backend_supports(backend, d)]
+
+
+BACKEND_DEVICES = [(b, d) for b in ops.available_backends() for d in devices_for(b)]
+BACKEND_DEVICE_IDS = [f"{b}-{d.type}" for b, d in BACKEND_DEVICES]
 
 
 def write_idx(path, array):

@@ -1,0 +1,57 @@
+"""The run's plots: curves.png (loss, lr, test accuracy per epoch) and classwise.png (final
+accuracy per class), written by python -m aaa_fast.train at the end of a run."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .data import CLASS_NAMES
+
+
+def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namespace, test_size: int) -> None:
+    """curves.png (loss, lr, test accuracy per epoch) and classwise.png (final accuracy per class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    run = f"{args.method} on {args.dataset} ({args.arch}, seed {args.seed}), training eps {args.eps:.4g}"
+    pgd = f"PGD-{args.eval_steps}, eps {args.eval_eps:.4g}"
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_loss.plot(epochs, [h["loss"] for h in history], marker="o", label="training loss")
+    ax_loss.set_ylabel("training loss")
+    ax_lr.plot(epochs, [h["lr"] for h in history], marker="o", color="tab:gray")
+    ax_lr.set_ylabel("learning rate (end of epoch)")
+    evaluated = [h for h in history if h.get("test_clean_acc") not in (None, "")]
+    sub = f"first {min(args.eval_subset, test_size)} test images"
+    ax_acc.plot([h["epoch"] for h in evaluated], [h["test_clean_acc"] for h in evaluated], marker="o", label="clean")
+    ax_acc.plot([h["epoch"] for h in evaluated], [h["test_pgd_acc"] for h in evaluated], marker="s", label=pgd)
+    ax_acc.set_ylabel(f"test accuracy (%), {sub}")
+    ax_acc.legend(loc="lower right", fontsize="small")
+    for ax in (ax_loss, ax_lr, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # whole epochs, a 1-epoch run included
+        ax.grid(alpha=0.3)
+    fig.suptitle(run)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+
+    nat, rob = final["classwise_clean_acc"], final["classwise_pgd_acc"]
+    names = CLASS_NAMES.get(args.dataset, [str(k) for k in range(len(nat))])
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(nat)), 4.5))
+    idx = list(range(len(nat)))
+    ax.bar([k - 0.2 for k in idx], nat, width=0.4, label="clean")
+    ax.bar([k + 0.2 for k in idx], rob, width=0.4, label=pgd)
+    ax.set_xticks(idx, names, rotation=45 if len(nat) <= 20 else 90, ha="right", fontsize="small")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{run}\nfinal, {test_size} test images; worst class: clean {min(nat):.1f}%, PGD {min(rob):.1f}%",
+                 fontsize="medium")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside the bars
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "classwise.png"), dpi=100)
+    plt.close(fig)

@@ -1,0 +1,359 @@
+"""One training run of python -m aaa_fast.train, from resolved arguments: load the data and
+build the scenario, set up (or resume) the trainer, run the epochs (per-epoch metrics,
+evaluation, atomic checkpoints), evaluate the final model and write final.json and the plots.
+The command line (aaa_fast.train) only parses and resolves the arguments."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+import zlib
+
+import torch
+
+from .checkpoint import CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
+from .data import DatasetError, build_scenario, load_dataset, random_crop_flip
+from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
+from .evaluation import check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final, model_for
+from .plots import make_plots
+from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
+from .trainer import AAA_METHODS, AAAConfig, AAATrainer, make_meta_net
+
+# per-step statistics averaged over an epoch's steps (frac_anti: share of rows with b > a;
+# grad_band: share with a(1 - a) > 1e-3); meta_grad_norm: mean over the epoch's meta steps
+STEP_FIELDS = ["loss", "natural", "boundary", "anti", "frac_anti", "grad_band", "mean_eps"]
+# metrics.csv names: the three objective terms are losses (not errors, not shares)
+CSV_NAMES = {"natural": "natural_loss", "boundary": "boundary_loss", "anti": "anti_loss"}
+METRIC_FIELDS = ["epoch", "lr", *[CSV_NAMES.get(k, k) for k in STEP_FIELDS], "meta_grad_norm", *GROUP_FIELDS, "skipped",
+                 "test_clean_acc", "test_pgd_acc", "seconds"]
+DIAGNOSTIC_FIELDS = ["frac_anti", "grad_band", "mean_eps", "meta_grad_norm", *GROUP_FIELDS]
+
+
+def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_info: dict) -> None:
+    """Refuse, naming the flags, settings that leave nothing to train on or cannot be evaluated."""
+    if scenario_info["train_size"] == 0:
+        subset = f" of --train-subset {args.train_subset}" if args.train_subset else ""
+        raise SystemExit(f"error: --num-meta {args.num_meta} takes every image{subset}: no training images are "
+                         "left; lower --num-meta or raise --train-subset")
+    uses_meta_set = args.method == "aaa" or (args.method in ("frl", *AAA_METHODS) and not args.no_fairness)
+    if uses_meta_set and args.num_meta < num_classes:
+        raise SystemExit(f"error: --method {args.method} learns from the meta set (meta-network or fairness "
+                         f"multipliers): --num-meta must be at least {num_classes} (one image per class), "
+                         f"got {args.num_meta}")
+    check_test_subset(args.test_subset, num_classes)
+
+
+def settings_diff(out: str, run_config: dict, flags) -> str:
+    """'; differs from the run in OUT: --flag (was A, now B), ...' from its config.json, or ''."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    changed = [f"{'--' + k.replace('_', '-') if k in flags else k} (was {before[k]!r}, now {v!r})"
+               for k, v in run_config.items() if k in before and before[k] != v]
+    return f"; differs from the run in {out}: {', '.join(changed)}" if changed else ""
+
+
+def describe_position(state: dict, epochs: int) -> str:
+    position = state.get("position")
+    where = (f"epoch {state['epoch'] + 1}, step {position['step']}" if position
+             else f"the end of epoch {state['epoch']}")
+    return where + (f" of {epochs}" if state["epoch"] < epochs else f" (finished: {epochs} epochs)")
+
+
+def batch_rows(order, i: int, steps: int, batch_size: int, world: int):
+    """The training rows of step i (of `steps`) across all ranks. The last step takes what is left
+    (see epoch_steps). Under torchrun the rows are padded by wrapping around the epoch's order, as
+    DistributedSampler does, to a multiple of the ranks with at least 2 rows each: no rank gets
+    an empty or one-row batch, and all ranks do the same number of steps."""
+    end = order.shape[0] if i == steps - 1 else (i + 1) * batch_size
+    rows = order[i * batch_size:end]
+    if world > 1:
+        need = max(2 * world, -(-rows.shape[0] // world) * world)
+        if rows.shape[0] < need:
+            rows = torch.cat([rows, order[torch.arange(need - rows.shape[0], device=order.device) % order.shape[0]]])
+    return rows
+
+
+def epoch_steps(n: int, batch_size: int) -> int:
+    """Steps per epoch. A last batch of one row (BatchNorm cannot train on it) joins the one before."""
+    return math.ceil(n / batch_size) - (1 if n > batch_size and n % batch_size == 1 else 0)
+
+
+def lr_factor(schedule: str, total_steps: int):
+    """The lr at step t as a multiple of --lr, in closed form (so a resume with more --epochs only
+    changes total_steps): step: x0.1 at 50% and 75% of the steps; cosine: down to 0 at the end."""
+    if schedule == "step":
+        milestones = step_milestones(total_steps)
+        return lambda t: 0.1 ** sum(t >= m for m in milestones)
+    return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+
+
+def step_milestones(total_steps: int) -> list[int]:
+    """The step schedule's x0.1 points (50% and 75% of the steps), leaving out any that would hit
+    the first step or fall after the last (a 1-step run trains at the full lr)."""
+    return sorted({m for m in (int(0.5 * total_steps), int(0.75 * total_steps)) if 0 < m < total_steps})
+
+
+def meta_net_seed(scenario_info: dict) -> int:
+    """The meta-network's initial draw, one per (scenario, seed): runs of one --seed in different
+    scenarios must not share it (the first study's did, so three draws decided all its runs)."""
+    return zlib.crc32(json.dumps(scenario_info, sort_keys=True).encode())
+
+
+def train(args: argparse.Namespace) -> dict:
+    """One run from the CLI's arguments, resolved (aaa_fast.train.resolve_defaults); returns final.json's content."""
+    ranks = Distributed(args.device)
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
+    if device.type == "cpu":
+        keep_cpu_memory()
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or pip install 'aaa_fast[tensorboard]')") from None
+    try:  # data first: a run that cannot get its data leaves nothing behind
+        data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and ranks.is_main)
+    except DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        scenario = build_scenario(data, num_meta=args.num_meta, imbalance_factor=args.imbalance_factor,
+                                  noise=args.label_noise, noise_rate=args.noise_rate, seed=args.seed,
+                                  train_subset=args.train_subset)
+    except ValueError as exc:  # a meta set the data cannot supply
+        raise SystemExit(f"error: --num-meta {args.num_meta}: {exc}") from None
+    check_data_settings(args, data.num_classes, scenario.info)
+    out_lock = None
+    if ranks.is_main:
+        check_out_dir(args.out)
+        out_lock = RunDirLock(args.out)  # held until this process ends
+    # what decides the results: the settings (not where the data lives, not --epochs, which a resume
+    # may raise to extend a run) and the data's content
+    run_config = {k: v for k, v in vars(args).items()
+                  if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "no_cuda_graphs")}
+    run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
+    run_hash = config_hash(run_config)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    state = None
+    if args.resume:
+        try:
+            state = load_newest(ckpt_path, expected_hash=run_hash)
+        except CheckpointError as exc:
+            raise SystemExit(f"error: cannot resume: {exc}{settings_diff(args.out, run_config, vars(args))}") from None
+        if ranks.is_main:
+            print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
+                  f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
+    elif ranks.is_main and (os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))):
+        raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue that run or choose another --out")
+
+    c = data.num_classes
+    torch.manual_seed(args.seed)
+    model = model_for(args.arch, data, device)
+    if args.init:
+        try:
+            init = load_checkpoint(args.init)
+        except CheckpointError as exc:
+            raise SystemExit(f"error: --init: {exc}") from None
+        model.load_state_dict(init["trainer"]["model"])
+    # fused on CUDA: it skips a non-finite step on the device, so a training step never waits for the GPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                fused=device.type == "cuda")
+    counts = scenario.class_counts.double()
+    config = AAAConfig(method=args.method, num_classes=c, eps=args.eps, alpha=args.alpha, steps=args.steps,
+                       lam=args.lam, bound_mode=args.bound_mode, fairness=False if args.no_fairness else None,
+                       objective=args.objective, meta_init=args.meta_init, temperature=args.temperature,
+                       anti_cap=args.anti_cap, meta_every=args.meta_every,
+                       class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
+                       fairness_eval_steps=args.eval_steps, amp=args.amp, channels_last=args.channels_last,
+                       compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+                       seed=args.seed, skip_nonfinite=args.skip_nonfinite)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
+    meta_net = meta_opt = None
+    if args.method == "aaa":
+        meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info))
+        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4,
+                                    fused=device.type == "cuda")
+    trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
+    trainer.grad_sync = ranks.average
+    steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.schedule, total_steps))
+    # data held on the training device as uint8; shuffling from a seeded generator
+    train_x, train_y = scenario.train_x.to(device), scenario.train_y.to(device)
+    corrupted = (scenario.train_y != scenario.train_y_clean).to(device)
+    choices = ChoiceDiagnostics(corrupted, tail_classes(torch.bincount(scenario.train_y_clean, minlength=c)))
+    meta_x, meta_y = scenario.meta_x.to(device), scenario.meta_y.to(device)
+    test_x, test_y = final_test_set(data, args.test_subset, device)
+    shuffle = torch.Generator().manual_seed(args.seed + 1)
+    augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    augment = args.dataset != "fashion-mnist"
+    history, best, start_epoch, position = [], None, 0, None
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        scheduler.load_state_dict(state["scheduler"])
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # this run's --epochs decide the rest
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * factor
+        shuffle.set_state(state["shuffle_rng"])
+        augment_gen.set_state(state["augment_rng"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        position = state.get("position")  # set when a signal stopped the run inside an epoch
+    if ranks.is_main:
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(dict(run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=run_hash, scenario=scenario.info, device=str(device),
+                           torch=torch.__version__), f, indent=2)
+    use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
+    board = None
+    if args.tensorboard and ranks.is_main:  # purge_step: a resumed run overwrites what followed its checkpoint
+        board = SummaryWriter(os.path.join(args.out, "tensorboard"),
+                              purge_step=start_epoch * steps_per_epoch + (position["step"] if position else 0))
+    stopper = StopRequested()
+
+    def checkpoint(epochs_done: int, position: dict | None = None) -> None:
+        if not ranks.is_main:
+            return
+        save_rotating({"config_hash": run_hash, "epoch": epochs_done, "trainer": trainer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
+                       "augment_rng": augment_gen.get_state(), "history": history, "best": best,
+                       "position": position}, ckpt_path)
+
+    @contextlib.contextmanager
+    def stop_on_nonfinite(epoch: int):
+        try:
+            yield
+        except FloatingPointError as exc:
+            last = (f"the last good checkpoint is {ckpt_path} (after epoch {history[-1]['epoch']})" if history
+                    else "no checkpoint was written yet")
+            raise SystemExit(f"error: {exc} in epoch {epoch + 1}; training stopped, {last}") from None
+
+    def add_step_stats(sums: dict, epoch: int) -> None:
+        """Fold the trainer's device-side step statistics into the epoch's sums (one sync)."""
+        with stop_on_nonfinite(epoch):
+            read = trainer.read_stats()
+        sums["steps"] += read["steps"]
+        for key in STEP_FIELDS:
+            sums[key] += read[key] * read["steps"] if read["steps"] else 0.0
+        if read["meta_steps"]:
+            sums["meta_steps"] += read["meta_steps"]
+            sums["meta_grad_norm"] += read["meta_grad_norm"] * read["meta_steps"]
+
+    n_meta_batch = min(args.meta_batch_size, meta_y.shape[0])
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        if position is not None:  # continue inside the epoch a signal interrupted
+            order, meta_order = position["order"].to(device), position["meta_order"].to(device)
+            sums, first_step = position["sums"], position["step"]
+            choices.load_state_dict(position["choices"])
+            position = None
+        else:
+            # the reference updates the fairness multipliers before every epoch, the first too
+            trainer.update_fairness(meta_x, meta_y)
+            order = torch.randperm(train_y.shape[0], generator=shuffle).to(device)
+            meta_order = torch.randperm(meta_y.shape[0], generator=shuffle).to(device)
+            sums, first_step = dict.fromkeys(["steps", *STEP_FIELDS, "meta_steps", "meta_grad_norm"], 0.0), 0
+            choices.reset()
+        batches = range(first_step, steps_per_epoch)
+        lines = None
+        if use_bar and ranks.is_main:
+            from tqdm import tqdm
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+        elif ranks.is_main:
+            lines = ProgressLines(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch, first_step)
+        for i in batches:
+            idx = batch_rows(order, i, steps_per_epoch, args.batch_size, ranks.world)[ranks.rank::ranks.world]
+            x = train_x[idx]
+            if augment:
+                x = random_crop_flip(x, generator=augment_gen)
+            meta_rows = meta_order[(i * n_meta_batch) % meta_y.shape[0]:][:n_meta_batch]
+            with stop_on_nonfinite(epoch):
+                stats = trainer.step(x, train_y[idx], meta_x[meta_rows], meta_y[meta_rows], corrupted=corrupted[idx])
+            scheduler.step()
+            ranks.broadcast_buffers(model)
+            if trainer.last_choice is not None:
+                choices.add(idx, *trainer.last_choice)
+            if board is not None:
+                step_no = epoch * steps_per_epoch + i + 1
+                board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
+                for key in ("loss", "natural", "boundary", "anti", "frac_anti"):
+                    board.add_scalar(f"step/{CSV_NAMES.get(key, key)}", stats[key], step_no)
+            if use_bar and ranks.is_main and i % 25 == 0:  # reading the loss waits for the GPU
+                batches.set_postfix(loss=f"{stats['loss']:.3f}")
+            elif lines is not None:
+                lines.update(i + 1, lambda: f"loss {stats['loss']:.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
+            if stopper.requested:
+                add_step_stats(sums, epoch)
+                checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
+                                       choices=choices.state_dict()))
+                if ranks.is_main:
+                    print(f"stopped after step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}; checkpoint written "
+                          f"to {ckpt_path}; continue with --resume", file=sys.stderr, flush=True)
+                ranks.close()
+                raise SystemExit(130)
+        add_step_stats(sums, epoch)
+        trainer.reduce_epoch_losses(ranks.sum_)
+        trainer.end_epoch(fairness=False)
+        n = max(sums["steps"], 1)
+        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{CSV_NAMES.get(k, k): sums[k] / n for k in STEP_FIELDS},
+                   meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
+                   **choices.summary(scenario.train_y_clean), skipped=trainer.skipped_steps,
+                   test_clean_acc="", test_pgd_acc="")
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            sub = torch.arange(min(args.eval_subset, test_y.shape[0]), device=device)
+            ev = evaluate_split(model, test_x[sub], test_y[sub], c, args, device, seed=args.seed + 1000 + epoch)
+            row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
+            if ranks.is_main and (best is None or ev["pgd_acc"] > best["test_pgd_acc"]):
+                best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
+                save_atomic({"config_hash": run_hash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
+                            os.path.join(args.out, "best.pt"))
+        row["seconds"] = round(time.time() - t0, 2)
+        history.append(row)
+        checkpoint(epoch + 1)
+        if ranks.is_main:
+            with open(os.path.join(args.out, "metrics.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+                writer.writeheader()
+                writer.writerows(history)
+            acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
+                   if row["test_clean_acc"] != "" else "")
+            if board is not None:
+                for key, value in row.items():
+                    if key != "epoch" and isinstance(value, (int, float)):
+                        board.add_scalar(f"epoch/{key}", value, epoch + 1)
+                board.flush()
+            anti = f", anti share {row['frac_anti']:.2f}" if args.method in AAA_METHODS else ""
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
+                  f"lr {optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
+
+    def stop_during_evaluation(_done: int) -> None:
+        if stopper.requested:  # training is saved; only the evaluation is lost, and --resume redoes it
+            if ranks.is_main:
+                print(f"stopped during the final evaluation; training is complete in {ckpt_path}; "
+                      "--resume redoes the evaluation", file=sys.stderr, flush=True)
+            ranks.close()
+            raise SystemExit(130)
+
+    final = final_evaluation(model, data, args, device, progress=ranks.is_main and not use_bar,
+                             on_batch=stop_during_evaluation)
+    final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
+                 scenario=scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
+                 diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
+    if ranks.is_main:
+        with open(os.path.join(args.out, "final.json"), "w") as f:
+            json.dump(final, f, indent=2)
+        make_plots(args.out, history, final, args, test_size=test_y.shape[0])
+        if board is not None:
+            for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err"):
+                board.add_scalar(f"final/{key}", final[key], args.epochs)
+            board.close()
+        print(format_final(final), flush=True)
+    ranks.close()
+    if out_lock is not None:
+        out_lock.release()
+    return final

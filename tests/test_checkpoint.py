@@ -1,0 +1,35 @@
+"""Atomic, rotating checkpoints: round trip, fallback to the previous file, damage detection."""
+import os
+
+import pytest
+import torch
+
+from aaa_fast.checkpoint import CheckpointError, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
+
+
+def test_checkpoint_round_trip_rotation_and_damage(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_rotating({"config_hash": "h", "x": torch.arange(5)}, path)
+    save_rotating({"config_hash": "h", "x": torch.arange(6)}, path)
+    assert load_checkpoint(path)["x"].numel() == 6 and load_checkpoint(previous_path(path))["x"].numel() == 5
+    with pytest.raises(CheckpointError, match="another configuration"):
+        load_checkpoint(path, expected_hash="other")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 3])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+    assert load_newest(path)["x"].numel() == 5  # falls back to the previous one
+    save_atomic({"config_hash": "h", "x": torch.arange(7)}, path)
+    data = bytearray(open(path, "rb").read())
+    raw = torch.load(path, weights_only=True)["payload"].numpy().tobytes()
+    at = bytes(data).find(raw[len(raw) // 2:len(raw) // 2 + 32])
+    data[at] ^= 0x01  # one bit inside the payload
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256|unreadable"):
+        load_checkpoint(path)
+    os.remove(previous_path(path))
+    with pytest.raises(CheckpointError):
+        load_newest(path)
+    assert load_newest(str(tmp_path / "none.pt")) is None
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "none.pt"))
