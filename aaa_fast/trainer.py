@@ -43,6 +43,8 @@ BOUND_MODES = ("fixed", "remargin", "meta")
 # per-step statistics (StepStats keys, read_stats means): the objective's terms, the mean bound,
 # the anti-adversarial share (rows with b > a) and the share of rows inside the gradient band
 STEP_STATS = ("loss", "natural", "boundary", "anti", "mean_eps", "frac_anti", "grad_band")
+# the device-side sums read_stats() reads: each of STEP_STATS over applied steps, then these
+APPLIED_SLOT, SKIPPED_SLOT, META_NORM_SLOT = range(len(STEP_STATS), len(STEP_STATS) + 3)
 
 
 class StepStats(Mapping):
@@ -211,7 +213,7 @@ class AAATrainer:
         self._device_skip = self._prepare_device_skip(optimizer)
         self._checked_first = {"batch": False, "meta batch": False}
         self._skipped_total = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._stat_sums = torch.zeros(len(STEP_STATS) + 3, dtype=torch.float64, device=self.device)
+        self._stat_sums = torch.zeros(META_NORM_SLOT + 1, dtype=torch.float64, device=self.device)
         self._meta_steps = 0
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._seen_low = torch.full((2,), math.inf, device=self.device)   # (x, y) minima of deferred checks
@@ -239,9 +241,9 @@ class AAATrainer:
 
     def _inputs(self, x: Tensor, y: Tensor, role: str = "batch") -> tuple[Tensor, Tensor]:
         """x as float in [0, 1] (uint8 scaled by 1/255), y as int64, both on the device. The first
-        batch (and meta batch), and any batch still on the CPU of a GPU trainer, is checked here; other batches
-        are checked on the device, out-of-range labels clamped so no kernel indexes out of
-        bounds, and read_stats() raises the error (no synchronisation per step)."""
+        batch (and meta batch), and any batch still on the CPU of a GPU trainer, is checked here;
+        other batches are checked on the device, out-of-range labels clamped so no kernel indexes
+        out of bounds, and read_stats() raises the error (no synchronisation per step)."""
         if x.shape[:1] != y.shape[:1]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -416,6 +418,7 @@ class AAATrainer:
                   "grad_band": (a_rows * (1 - a_rows) > GRAD_BAND).float().mean()}
         stats = torch.stack([values[k].float() for k in STEP_STATS])
         meta_norm = meta_grad_norm.float() if meta_grad_norm is not None else stats.new_zeros(())
+        # in slot order: STEP_STATS (applied steps only), APPLIED, SKIPPED, META_NORM
         self._stat_sums += torch.cat([torch.where(ok, stats, 0), ok.view(1), bad.view(1), meta_norm.view(1)]).double()
         self._meta_steps += meta_grad_norm is not None
         self._record_bad(bad)
@@ -436,7 +439,7 @@ class AAATrainer:
                 f"(loss terms: natural {terms.natural.item()}, boundary {terms.boundary.item()}, "
                 f"anti {terms.anti.item()}); no update was applied")
         self._skipped_total += 1
-        self._stat_sums[len(STEP_STATS) + 1] += 1
+        self._stat_sums[SKIPPED_SLOT] += 1
         self.iteration += 1
         return StepStats({}, dict(loss=math.nan, skipped=True, iteration=self.iteration, meta_step=False))
 
@@ -452,7 +455,6 @@ class AAATrainer:
         deferred: a batch outside the image box [0, 1] or with labels out of range
         (ValueError), a non-finite loss or gradient (FloatingPointError, unless skip_nonfinite;
         such a step applied no update)."""
-        k = len(STEP_STATS)
         host = torch.cat([self._stat_sums, self._seen_low.double(), self._seen_high.double(),
                           self._first_bad.double().view(1)]).tolist()
         meta_steps = self._meta_steps
@@ -461,7 +463,8 @@ class AAATrainer:
         self._seen_high.fill_(-math.inf)
         self._first_bad.fill_(-1)
         self._meta_steps = 0
-        sums, (steps, skipped, meta_sum), (x_lo, y_lo, x_hi, y_hi, first_bad) = host[:k], host[k:k + 3], host[k + 3:]
+        sums, steps, skipped, meta_sum = host[:len(STEP_STATS)], *host[APPLIED_SLOT:META_NORM_SLOT + 1]
+        x_lo, y_lo, x_hi, y_hi, first_bad = host[META_NORM_SLOT + 1:]
         if x_lo < 0 or x_hi > 1:
             raise box_error("x", x_lo, x_hi, 0.0, 1.0)
         if y_lo < 0 or y_hi >= self.config.num_classes:
