@@ -107,6 +107,56 @@ def meta_net_seed(scenario_info: dict) -> int:
     return zlib.crc32(json.dumps(scenario_info, sort_keys=True).encode())
 
 
+def load_run_data(args: argparse.Namespace, ranks: Distributed):
+    """The dataset and the run's scenario (subset, meta set, label noise, long tail), or a
+    one-line refusal naming the flag."""
+    try:
+        data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and ranks.is_main)
+    except DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        scenario = build_scenario(data, num_meta=args.num_meta, imbalance_factor=args.imbalance_factor,
+                                  noise=args.label_noise, noise_rate=args.noise_rate, seed=args.seed,
+                                  train_subset=args.train_subset)
+    except ValueError as exc:  # a meta set the data cannot supply
+        raise SystemExit(f"error: --num-meta {args.num_meta}: {exc}") from None
+    check_data_settings(args, data.num_classes, scenario.info)
+    return data, scenario
+
+
+def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device, ranks: Distributed) -> AAATrainer:
+    """The model (seeded, or from --init), its SGD, the AAAConfig the flags describe, the
+    meta-network and its Adam for method 'aaa', and the trainer that holds them."""
+    torch.manual_seed(args.seed)
+    model = model_for(args.arch, data, device)
+    if args.init:
+        try:
+            init = load_checkpoint(args.init)
+        except CheckpointError as exc:
+            raise SystemExit(f"error: --init: {exc}") from None
+        model.load_state_dict(init["trainer"]["model"])
+    # fused on CUDA: it skips a non-finite step on the device, so a training step never waits for the GPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                fused=device.type == "cuda")
+    counts = scenario.class_counts.double()
+    config = AAAConfig(method=args.method, num_classes=data.num_classes, eps=args.eps, alpha=args.alpha, steps=args.steps,
+                       lam=args.lam, bound_mode=args.bound_mode, fairness=False if args.no_fairness else None,
+                       objective=args.objective, meta_init=args.meta_init, temperature=args.temperature,
+                       anti_cap=args.anti_cap, meta_every=args.meta_every,
+                       class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
+                       fairness_eval_steps=args.eval_steps, amp=args.amp, channels_last=args.channels_last,
+                       compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+                       seed=args.seed, skip_nonfinite=args.skip_nonfinite)
+    meta_net = meta_opt = None
+    if args.method == "aaa":
+        meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info))
+        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4,
+                                    fused=device.type == "cuda")
+    trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
+    trainer.grad_sync = ranks.average
+    return trainer
+
+
 def train(args: argparse.Namespace) -> dict:
     """One run from the CLI's arguments, resolved (aaa_fast.train.resolve_defaults); returns final.json's content."""
     ranks = Distributed(args.device)
@@ -119,17 +169,7 @@ def train(args: argparse.Namespace) -> dict:
         except ImportError:
             raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or pip install 'aaa_fast[tensorboard]')") from None
-    try:  # data first: a run that cannot get its data leaves nothing behind
-        data = load_dataset(args.dataset, args.data_dir, download_missing=args.download and ranks.is_main)
-    except DatasetError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    try:
-        scenario = build_scenario(data, num_meta=args.num_meta, imbalance_factor=args.imbalance_factor,
-                                  noise=args.label_noise, noise_rate=args.noise_rate, seed=args.seed,
-                                  train_subset=args.train_subset)
-    except ValueError as exc:  # a meta set the data cannot supply
-        raise SystemExit(f"error: --num-meta {args.num_meta}: {exc}") from None
-    check_data_settings(args, data.num_classes, scenario.info)
+    data, scenario = load_run_data(args, ranks)  # data first: a run that cannot get its data leaves nothing behind
     out_lock = None
     if ranks.is_main:
         check_out_dir(args.out)
@@ -154,34 +194,9 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue that run or choose another --out")
 
     c = data.num_classes
-    torch.manual_seed(args.seed)
-    model = model_for(args.arch, data, device)
-    if args.init:
-        try:
-            init = load_checkpoint(args.init)
-        except CheckpointError as exc:
-            raise SystemExit(f"error: --init: {exc}") from None
-        model.load_state_dict(init["trainer"]["model"])
-    # fused on CUDA: it skips a non-finite step on the device, so a training step never waits for the GPU
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                fused=device.type == "cuda")
-    counts = scenario.class_counts.double()
-    config = AAAConfig(method=args.method, num_classes=c, eps=args.eps, alpha=args.alpha, steps=args.steps,
-                       lam=args.lam, bound_mode=args.bound_mode, fairness=False if args.no_fairness else None,
-                       objective=args.objective, meta_init=args.meta_init, temperature=args.temperature,
-                       anti_cap=args.anti_cap, meta_every=args.meta_every,
-                       class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
-                       fairness_eval_steps=args.eval_steps, amp=args.amp, channels_last=args.channels_last,
-                       compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
-                       seed=args.seed, skip_nonfinite=args.skip_nonfinite)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
-    meta_net = meta_opt = None
-    if args.method == "aaa":
-        meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info))
-        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4,
-                                    fused=device.type == "cuda")
-    trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
-    trainer.grad_sync = ranks.average
+    trainer = build_trainer(args, data, scenario, device, ranks)
+    model, optimizer = trainer.model, trainer.optimizer
     steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.schedule, total_steps))
