@@ -24,6 +24,12 @@ from .plots import make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
 from .trainer import AAA_METHODS, AAAConfig, AAATrainer, make_meta_net
 
+# every random stream of a run is drawn from --seed plus a fixed offset (the model's initial
+# weights and the attacks' starts from --seed itself; the meta-network's from meta_net_seed;
+# the final evaluation's from evaluation.FINAL_EVAL_SEED_OFFSET)
+SHUFFLE_SEED_OFFSET = 1      # the epochs' order of training and meta rows
+AUGMENT_SEED_OFFSET = 2      # crops and flips (CIFAR)
+EPOCH_EVAL_SEED_OFFSET = 1000  # the per-epoch test evaluation's PGD starts, + the epoch
 # per-step statistics averaged over an epoch's steps (frac_anti: share of rows with b > a;
 # grad_band: share with a(1 - a) > 1e-3); meta_grad_norm: mean over the epoch's meta steps
 STEP_FIELDS = ["loss", "natural", "boundary", "anti", "frac_anti", "grad_band", "mean_eps"]
@@ -206,8 +212,8 @@ def train(args: argparse.Namespace) -> dict:
     choices = ChoiceDiagnostics(corrupted, tail_classes(torch.bincount(scenario.train_y_clean, minlength=c)))
     meta_x, meta_y = scenario.meta_x.to(device), scenario.meta_y.to(device)
     test_x, test_y = final_test_set(data, args.test_subset, device)
-    shuffle = torch.Generator().manual_seed(args.seed + 1)
-    augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    shuffle = torch.Generator().manual_seed(args.seed + SHUFFLE_SEED_OFFSET)
+    augment_gen = torch.Generator(device=device).manual_seed(args.seed + AUGMENT_SEED_OFFSET)
     augment = args.dataset != "fashion-mnist"
     history, best, start_epoch, position = [], None, 0, None
     if state is not None:
@@ -321,7 +327,7 @@ def train(args: argparse.Namespace) -> dict:
                    test_clean_acc="", test_pgd_acc="")
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             sub = torch.arange(min(args.eval_subset, test_y.shape[0]), device=device)
-            ev = evaluate_split(model, test_x[sub], test_y[sub], c, args, device, seed=args.seed + 1000 + epoch)
+            ev = evaluate_split(model, test_x[sub], test_y[sub], c, args, device, seed=args.seed + EPOCH_EVAL_SEED_OFFSET + epoch)
             row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
             if ranks.is_main and (best is None or ev["pgd_acc"] > best["test_pgd_acc"]):
                 best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
