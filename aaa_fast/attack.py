@@ -51,8 +51,8 @@ def kl_to_clean(clean_logits: Tensor) -> LossFn:
     """Per-sample KL(p(x) || p(x')) against the fixed clean prediction (TRADES); the clean
     log-probabilities are computed once per attack, not once per step."""
     log_p = F.log_softmax(upcast(clean_logits.detach()), dim=1)
-    p_log_p = (log_p.exp() * log_p).sum(dim=1)
     p = log_p.exp()
+    p_log_p = (p * log_p).sum(dim=1)
     return lambda logits, _y: p_log_p - (p * F.log_softmax(upcast(logits), dim=1)).sum(dim=1)
 
 
@@ -85,9 +85,6 @@ def _check_inputs(model: nn.Module, x, y, steps, norm: str, random_start, amp_dt
         raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
 
 
-LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
-
-
 def label_error(lo, hi, num_classes: int) -> ValueError:
     return ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} outputs), "
                       f"got values in [{lo}, {hi}]")
@@ -99,9 +96,13 @@ def box_error(name: str, x_min: float, x_max: float, lo: float, hi: float) -> Va
                       "(aaa_fast.models.Normalize as its first layer)")
 
 
-def check_labels(y: Tensor, num_classes: int) -> None:
-    if y.dtype not in LABEL_DTYPES:
+def check_label_dtype(y: Tensor) -> None:
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+
+
+def check_labels(y: Tensor, num_classes: int) -> None:
+    check_label_dtype(y)
     if y.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.stack([y.min(), y.max()]).tolist()
         if lo < 0 or hi >= num_classes:

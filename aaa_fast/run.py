@@ -22,7 +22,7 @@ from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
 from .evaluation import check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final, model_for
 from .plots import make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
-from .trainer import AAA_METHODS, AAAConfig, AAATrainer, make_meta_net
+from .trainer import AAA_METHODS, STEP_STATS, AAAConfig, AAATrainer, make_meta_net
 
 # every random stream of a run is drawn from --seed plus a fixed offset (the model's initial
 # weights and the attacks' starts from --seed itself; the meta-network's from meta_net_seed;
@@ -30,12 +30,11 @@ from .trainer import AAA_METHODS, AAAConfig, AAATrainer, make_meta_net
 SHUFFLE_SEED_OFFSET = 1      # the epochs' order of training and meta rows
 AUGMENT_SEED_OFFSET = 2      # crops and flips (CIFAR)
 EPOCH_EVAL_SEED_OFFSET = 1000  # the per-epoch test evaluation's PGD starts, + the epoch
-# per-step statistics averaged over an epoch's steps (frac_anti: share of rows with b > a;
-# grad_band: share with a(1 - a) > 1e-3); meta_grad_norm: mean over the epoch's meta steps
-STEP_FIELDS = ["loss", "natural", "boundary", "anti", "frac_anti", "grad_band", "mean_eps"]
+# metrics.csv: the trainer's STEP_STATS averaged over an epoch's steps (frac_anti: share of rows
+# with b > a; grad_band: share with a(1 - a) > 1e-3); meta_grad_norm: mean over its meta steps
 # metrics.csv names: the three objective terms are losses (not errors, not shares)
 CSV_NAMES = {"natural": "natural_loss", "boundary": "boundary_loss", "anti": "anti_loss"}
-METRIC_FIELDS = ["epoch", "lr", *[CSV_NAMES.get(k, k) for k in STEP_FIELDS], "meta_grad_norm", *GROUP_FIELDS, "skipped",
+METRIC_FIELDS = ["epoch", "lr", *[CSV_NAMES.get(k, k) for k in STEP_STATS], "meta_grad_norm", *GROUP_FIELDS, "skipped",
                  "test_clean_acc", "test_pgd_acc", "seconds"]
 DIAGNOSTIC_FIELDS = ["frac_anti", "grad_band", "mean_eps", "meta_grad_norm", *GROUP_FIELDS]
 
@@ -259,7 +258,7 @@ def train(args: argparse.Namespace) -> dict:
         with stop_on_nonfinite(epoch):
             read = trainer.read_stats()
         sums["steps"] += read["steps"]
-        for key in STEP_FIELDS:
+        for key in STEP_STATS:
             sums[key] += read[key] * read["steps"] if read["steps"] else 0.0
         if read["meta_steps"]:
             sums["meta_steps"] += read["meta_steps"]
@@ -278,7 +277,7 @@ def train(args: argparse.Namespace) -> dict:
             trainer.update_fairness(meta_x, meta_y)
             order = torch.randperm(train_y.shape[0], generator=shuffle).to(device)
             meta_order = torch.randperm(meta_y.shape[0], generator=shuffle).to(device)
-            sums, first_step = dict.fromkeys(["steps", *STEP_FIELDS, "meta_steps", "meta_grad_norm"], 0.0), 0
+            sums, first_step = dict.fromkeys(["steps", *STEP_STATS, "meta_steps", "meta_grad_norm"], 0.0), 0
             choices.reset()
         batches = range(first_step, steps_per_epoch)
         lines = None
@@ -321,7 +320,7 @@ def train(args: argparse.Namespace) -> dict:
         trainer.reduce_epoch_losses(ranks.sum_)
         trainer.end_epoch(fairness=False)
         n = max(sums["steps"], 1)
-        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{CSV_NAMES.get(k, k): sums[k] / n for k in STEP_FIELDS},
+        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{CSV_NAMES.get(k, k): sums[k] / n for k in STEP_STATS},
                    meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
                    **choices.summary(scenario.train_y_clean), skipped=trainer.skipped_steps,
                    test_clean_acc="", test_pgd_acc="")

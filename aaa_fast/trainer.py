@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .attack import (AMP, AttackGraphs, attack_rows, autocast, box_error, build_pair, check_in_box, check_labels,
-                     eval_mode, label_error)
+from .attack import (AMP, AttackGraphs, attack_rows, autocast, box_error, build_pair, check_in_box, check_label_dtype,
+                     check_labels, eval_mode, label_error)
 from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import META_INITS, MetaNet, meta_gradient
@@ -42,7 +42,7 @@ GRAD_BAND = 1e-3  # a row whose a(1 - a) is above this still gets a meta-gradien
 BOUND_MODES = ("fixed", "remargin", "meta")
 # per-step statistics (StepStats keys, read_stats means): the objective's terms, the mean bound,
 # the anti-adversarial share (rows with b > a) and the share of rows inside the gradient band
-STEP_STATS = ("loss", "natural", "boundary", "anti", "mean_eps", "frac_anti", "grad_band")
+STEP_STATS = ("loss", "natural", "boundary", "anti", "frac_anti", "grad_band", "mean_eps")
 # the device-side sums read_stats() reads: each of STEP_STATS over applied steps, then these
 APPLIED_SLOT, SKIPPED_SLOT, META_NORM_SLOT = range(len(STEP_STATS), len(STEP_STATS) + 3)
 
@@ -246,8 +246,7 @@ class AAATrainer:
         out of bounds, and read_stats() raises the error (no synchronisation per step)."""
         if x.shape[:1] != y.shape[:1]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
-        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+        check_label_dtype(y)
         c = self.config.num_classes
         here = not self._checked_first[role] or (x.device.type == "cpu" and self.device.type != "cpu")
         self._checked_first[role] = True
