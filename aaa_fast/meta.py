@@ -20,6 +20,13 @@ Params = dict[str, Tensor]
 
 
 META_INITS = ("trades", "reference")
+# the softmax temperature T that goes with each start: 0.05 keeps the trades start learnable
+# (rows off the softmax's flat ends); 1e-3 is the authors' value (a near-hard split)
+INIT_TEMPERATURE = {"trades": 0.05, "reference": 1e-3}
+# the network's other defaults (AAAConfig's meta_* fields take theirs from here)
+HIDDEN = 100      # the reference's hidden width
+START_A = 0.9     # trades init: every row starts at a ~= 0.9
+S_RANGE = (0.5, 2.0)  # meta bounds: s_i in [s_min, s_max], eps_i = s_i * eps_0
 
 
 class MetaNet(nn.Module):
@@ -35,18 +42,23 @@ class MetaNet(nn.Module):
       the meta-gradient reaches every row from the first meta step.
     - "reference": PyTorch's default initialisation, as the authors' code. At T = 0.001 its
       first split is a near-hard coin toss and most rows sit where the softmax has no gradient.
+    temperature: T, default the one that goes with `init` (INIT_TEMPERATURE: 0.05 trades, 1e-3 reference).
     """
 
-    def __init__(self, in_features: int = NUM_FEATURES, hidden: int = 100, *, temperature: float = 0.05,
-                 bound_head: bool = False, s_min: float = 0.5, s_max: float = 2.0, init: str = "trades",
-                 start_a: float = 0.9):
+    def __init__(self, in_features: int = NUM_FEATURES, hidden: int = HIDDEN, *, temperature: float | None = None,
+                 bound_head: bool = False, s_min: float = S_RANGE[0], s_max: float = S_RANGE[1], init: str = "trades",
+                 start_a: float = START_A):
         super().__init__()
+        if init not in META_INITS:
+            raise ValueError(f"init must be one of {META_INITS}, got {init!r}")
+        if temperature is None:
+            temperature = INIT_TEMPERATURE[init]
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 <= s_min <= s_max:
             raise ValueError(f"need 0 <= s_min <= s_max, got s_min={s_min}, s_max={s_max}")
-        if init not in META_INITS:
-            raise ValueError(f"init must be one of {META_INITS}, got {init!r}")
+        if not (isinstance(hidden, int) and hidden >= 1):
+            raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
         if not 0 < start_a < 1:
             raise ValueError(f"start_a must be in (0, 1), got {start_a}")
         self.temperature, self.s_min, self.s_max = temperature, s_min, s_max

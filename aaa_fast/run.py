@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -22,7 +24,7 @@ from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
 from .evaluation import check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final, model_for
 from .plots import make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
-from .trainer import AAA_METHODS, STEP_STATS, AAAConfig, AAATrainer, make_meta_net
+from .trainer import AAA_METHODS, STEP_STATS, AAAConfig, AAATrainer, make_meta_net, make_meta_optimizer
 
 # every random stream of a run is drawn from --seed plus a fixed offset (the model's initial
 # weights and the attacks' starts from --seed itself; the meta-network's from meta_net_seed;
@@ -45,7 +47,7 @@ def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_inf
         subset = f" of --train-subset {args.train_subset}" if args.train_subset else ""
         raise SystemExit(f"error: --num-meta {args.num_meta} takes every image{subset}: no training images are "
                          "left; lower --num-meta or raise --train-subset")
-    uses_meta_set = args.method == "aaa" or (args.method in ("frl", *AAA_METHODS) and not args.no_fairness)
+    uses_meta_set = args.method == "aaa" or args.fairness
     if uses_meta_set and args.num_meta < num_classes:
         raise SystemExit(f"error: --method {args.method} learns from the meta set (meta-network or fairness "
                          f"multipliers): --num-meta must be at least {num_classes} (one image per class), "
@@ -129,6 +131,17 @@ def load_run_data(args: argparse.Namespace, ranks: Distributed):
     return data, scenario
 
 
+def trainer_config(args: argparse.Namespace, num_classes: int, class_counts: torch.Tensor) -> AAAConfig:
+    """The AAAConfig the flags describe: each flag named as a field sets it (the CLI takes those
+    flags' defaults from AAAConfig, and resolve_defaults fills the per-method ones); the per-epoch
+    fairness evaluation uses the evaluation's PGD budget; the class shares come from the data."""
+    fields = {f.name for f in dataclasses.fields(AAAConfig)}
+    counts = class_counts.double()
+    return AAAConfig(**{k: v for k, v in vars(args).items() if k in fields}, num_classes=num_classes,
+                     class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
+                     fairness_eval_steps=args.eval_steps)
+
+
 def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device, ranks: Distributed) -> AAATrainer:
     """The model (seeded, or from --init), its SGD, the AAAConfig the flags describe, the
     meta-network and its Adam for method 'aaa', and the trainer that holds them."""
@@ -143,120 +156,127 @@ def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device
     # fused on CUDA: it skips a non-finite step on the device, so a training step never waits for the GPU
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 fused=device.type == "cuda")
-    counts = scenario.class_counts.double()
-    config = AAAConfig(method=args.method, num_classes=data.num_classes, eps=args.eps, alpha=args.alpha, steps=args.steps,
-                       lam=args.lam, bound_mode=args.bound_mode, fairness=False if args.no_fairness else None,
-                       objective=args.objective, meta_init=args.meta_init, temperature=args.temperature,
-                       anti_cap=args.anti_cap, meta_every=args.meta_every,
-                       class_share=(counts / counts.sum()).tolist(), fairness_eval_eps=args.eval_eps,
-                       fairness_eval_steps=args.eval_steps, amp=args.amp, channels_last=args.channels_last,
-                       compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
-                       seed=args.seed, skip_nonfinite=args.skip_nonfinite)
+    config = trainer_config(args, data.num_classes, scenario.class_counts)
     meta_net = meta_opt = None
     if args.method == "aaa":
-        meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info))
-        meta_opt = torch.optim.Adam(meta_net.parameters(), lr=args.meta_lr, weight_decay=5e-4,
-                                    fused=device.type == "cuda")
+        meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info)).to(device)
+        meta_opt = make_meta_optimizer(config, meta_net)
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
     trainer.grad_sync = ranks.average
     return trainer
 
 
-def train(args: argparse.Namespace) -> dict:
-    """One run from the CLI's arguments, resolved (aaa_fast.train.resolve_defaults); returns final.json's content."""
-    ranks = Distributed(args.device)
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
-    if device.type == "cpu":
-        keep_cpu_memory()
-    if args.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
+class Run:
+    """One training run of the CLI, as named steps: __init__ sets it up (devices, data, output
+    directory, trainer, schedule, random streams) and resumes it; train_epoch, evaluate_epoch and
+    record_epoch make one epoch; finish evaluates the final model and writes final.json."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.ranks = ranks = Distributed(args.device)
+        self.device = device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
+        if device.type == "cpu":
+            keep_cpu_memory()
+        if args.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before anything is written
             raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard "
-                             "(or pip install 'aaa_fast[tensorboard]')") from None
-    data, scenario = load_run_data(args, ranks)  # data first: a run that cannot get its data leaves nothing behind
-    out_lock = None
-    if ranks.is_main:
-        check_out_dir(args.out)
-        out_lock = RunDirLock(args.out)  # held until this process ends
-    # what decides the results: the settings (not where the data lives, not --epochs, which a resume
-    # may raise to extend a run) and the data's content
-    run_config = {k: v for k, v in vars(args).items()
-                  if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "no_cuda_graphs")}
-    run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
-    run_hash = config_hash(run_config)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    state = None
-    if args.resume:
-        try:
-            state = load_newest(ckpt_path, expected_hash=run_hash)
-        except CheckpointError as exc:
-            raise SystemExit(f"error: cannot resume: {exc}{settings_diff(args.out, run_config, vars(args))}") from None
+                             "(or pip install 'aaa_fast[tensorboard]')")
+        # data first: a run that cannot get its data leaves nothing behind
+        self.data, self.scenario = data, scenario = load_run_data(args, ranks)
+        self.out_lock = None
         if ranks.is_main:
-            print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
-                  f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
-    elif ranks.is_main and (os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))):
-        raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue that run or choose another --out")
+            check_out_dir(args.out)
+            self.out_lock = RunDirLock(args.out)  # held until this process ends
+        # what decides the results: the settings (not where the data lives, not --epochs, which a
+        # resume may raise to extend a run) and the data's content
+        self.run_config = {k: v for k, v in vars(args).items()
+                           if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "cuda_graphs")}
+        self.run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
+        self.run_hash = config_hash(self.run_config)
+        self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
+        state = self.load_state()
 
-    c = data.num_classes
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
-    trainer = build_trainer(args, data, scenario, device, ranks)
-    model, optimizer = trainer.model, trainer.optimizer
-    steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.schedule, total_steps))
-    # data held on the training device as uint8; shuffling from a seeded generator
-    train_x, train_y = scenario.train_x.to(device), scenario.train_y.to(device)
-    corrupted = (scenario.train_y != scenario.train_y_clean).to(device)
-    choices = ChoiceDiagnostics(corrupted, tail_classes(torch.bincount(scenario.train_y_clean, minlength=c)))
-    meta_x, meta_y = scenario.meta_x.to(device), scenario.meta_y.to(device)
-    test_x, test_y = final_test_set(data, args.test_subset, device)
-    shuffle = torch.Generator().manual_seed(args.seed + SHUFFLE_SEED_OFFSET)
-    augment_gen = torch.Generator(device=device).manual_seed(args.seed + AUGMENT_SEED_OFFSET)
-    augment = args.dataset != "fashion-mnist"
-    history, best, start_epoch, position = [], None, 0, None
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        scheduler.load_state_dict(state["scheduler"])
-        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # this run's --epochs decide the rest
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * factor
-        shuffle.set_state(state["shuffle_rng"])
-        augment_gen.set_state(state["augment_rng"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        position = state.get("position")  # set when a signal stopped the run inside an epoch
-    if ranks.is_main:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(dict(run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=run_hash, scenario=scenario.info, device=str(device),
-                           torch=torch.__version__), f, indent=2)
-    use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
-    board = None
-    if args.tensorboard and ranks.is_main:  # purge_step: a resumed run overwrites what followed its checkpoint
-        board = SummaryWriter(os.path.join(args.out, "tensorboard"),
-                              purge_step=start_epoch * steps_per_epoch + (position["step"] if position else 0))
-    stopper = StopRequested()
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
+        self.trainer = build_trainer(args, data, scenario, device, ranks)
+        self.steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer,
+                                                           lr_factor(args.schedule, self.steps_per_epoch * args.epochs))
+        # data held on the training device as uint8; shuffling from a seeded generator
+        self.train_x, self.train_y = scenario.train_x.to(device), scenario.train_y.to(device)
+        self.corrupted = (scenario.train_y != scenario.train_y_clean).to(device)
+        self.choices = ChoiceDiagnostics(self.corrupted, tail_classes(torch.bincount(scenario.train_y_clean,
+                                                                                     minlength=data.num_classes)))
+        self.meta_x, self.meta_y = scenario.meta_x.to(device), scenario.meta_y.to(device)
+        self.test_x, self.test_y = final_test_set(data, args.test_subset, device)
+        self.shuffle = torch.Generator().manual_seed(args.seed + SHUFFLE_SEED_OFFSET)
+        self.augment_gen = torch.Generator(device=device).manual_seed(args.seed + AUGMENT_SEED_OFFSET)
+        self.history, self.best, self.start_epoch, self.position = [], None, 0, None
+        if state is not None:
+            self.restore(state)
+        self.write_config()
+        self.use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
+        self.board = None
+        if args.tensorboard and ranks.is_main:  # purge_step: a resumed run overwrites what followed its checkpoint
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(os.path.join(args.out, "tensorboard"), purge_step=self.start_epoch
+                                       * self.steps_per_epoch + (self.position["step"] if self.position else 0))
+        self.stopper = StopRequested()
 
-    def checkpoint(epochs_done: int, position: dict | None = None) -> None:
-        if not ranks.is_main:
-            return
-        save_rotating({"config_hash": run_hash, "epoch": epochs_done, "trainer": trainer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
-                       "augment_rng": augment_gen.get_state(), "history": history, "best": best,
-                       "position": position}, ckpt_path)
+    def load_state(self) -> dict | None:
+        """The checkpoint --resume continues from (None: nothing written yet), or a refusal that
+        names the settings that differ; without --resume, a refusal to overwrite a run."""
+        args, ranks = self.args, self.ranks
+        if args.resume:
+            try:
+                state = load_newest(self.ckpt_path, expected_hash=self.run_hash)
+            except CheckpointError as exc:
+                raise SystemExit(f"error: cannot resume: {exc}{settings_diff(args.out, self.run_config, vars(args))}") from None
+            if ranks.is_main:
+                print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
+                      f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
+            return state
+        if ranks.is_main and (os.path.exists(self.ckpt_path) or os.path.exists(previous_path(self.ckpt_path))):
+            raise SystemExit(f"error: {self.ckpt_path} exists; pass --resume to continue that run or choose another --out")
+        return None
+
+    def restore(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # this run's --epochs decide the rest
+        for group in self.trainer.optimizer.param_groups:
+            group["lr"] = self.args.lr * factor
+        self.shuffle.set_state(state["shuffle_rng"])
+        self.augment_gen.set_state(state["augment_rng"])
+        self.history, self.best, self.start_epoch = state["history"], state["best"], state["epoch"]
+        self.position = state.get("position")  # set when a signal stopped the run inside an epoch
+
+    def write_config(self) -> None:
+        if self.ranks.is_main:
+            args = self.args
+            with open(os.path.join(args.out, "config.json"), "w") as f:
+                json.dump(dict(self.run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=self.run_hash,
+                               scenario=self.scenario.info, trainer_config=dataclasses.asdict(self.trainer.config),
+                               device=str(self.device), torch=torch.__version__), f, indent=2)
+
+    def save_checkpoint(self, epochs_done: int, position: dict | None = None) -> None:
+        if self.ranks.is_main:
+            save_rotating({"config_hash": self.run_hash, "epoch": epochs_done, "trainer": self.trainer.state_dict(),
+                           "scheduler": self.scheduler.state_dict(), "shuffle_rng": self.shuffle.get_state(),
+                           "augment_rng": self.augment_gen.get_state(), "history": self.history, "best": self.best,
+                           "position": position}, self.ckpt_path)
 
     @contextlib.contextmanager
-    def stop_on_nonfinite(epoch: int):
+    def stop_on_nonfinite(self, epoch: int):
         try:
             yield
         except FloatingPointError as exc:
-            last = (f"the last good checkpoint is {ckpt_path} (after epoch {history[-1]['epoch']})" if history
-                    else "no checkpoint was written yet")
+            last = (f"the last good checkpoint is {self.ckpt_path} (after epoch {self.history[-1]['epoch']})"
+                    if self.history else "no checkpoint was written yet")
             raise SystemExit(f"error: {exc} in epoch {epoch + 1}; training stopped, {last}") from None
 
-    def add_step_stats(sums: dict, epoch: int) -> None:
+    def add_step_stats(self, sums: dict, epoch: int) -> None:
         """Fold the trainer's device-side step statistics into the epoch's sums (one sync)."""
-        with stop_on_nonfinite(epoch):
-            read = trainer.read_stats()
+        with self.stop_on_nonfinite(epoch):
+            read = self.trainer.read_stats()
         sums["steps"] += read["steps"]
         for key in STEP_STATS:
             sums[key] += read[key] * read["steps"] if read["steps"] else 0.0
@@ -264,116 +284,147 @@ def train(args: argparse.Namespace) -> dict:
             sums["meta_steps"] += read["meta_steps"]
             sums["meta_grad_norm"] += read["meta_grad_norm"] * read["meta_steps"]
 
-    n_meta_batch = min(args.meta_batch_size, meta_y.shape[0])
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        if position is not None:  # continue inside the epoch a signal interrupted
+    def stop(self, message: str) -> None:
+        if self.ranks.is_main:
+            print(message, file=sys.stderr, flush=True)
+        self.ranks.close()
+        raise SystemExit(130)
+
+    def train_epoch(self, epoch: int) -> dict:
+        """The epoch's training steps (from where a signal stopped it, if it did); its metrics.csv row."""
+        args, trainer, ranks, device = self.args, self.trainer, self.ranks, self.device
+        optimizer = trainer.optimizer
+        if self.position is not None:  # continue inside the epoch a signal interrupted
+            position, self.position = self.position, None
             order, meta_order = position["order"].to(device), position["meta_order"].to(device)
             sums, first_step = position["sums"], position["step"]
-            choices.load_state_dict(position["choices"])
-            position = None
+            self.choices.load_state_dict(position["choices"])
         else:
             # the reference updates the fairness multipliers before every epoch, the first too
-            trainer.update_fairness(meta_x, meta_y)
-            order = torch.randperm(train_y.shape[0], generator=shuffle).to(device)
-            meta_order = torch.randperm(meta_y.shape[0], generator=shuffle).to(device)
+            trainer.update_fairness(self.meta_x, self.meta_y)
+            order = torch.randperm(self.train_y.shape[0], generator=self.shuffle).to(device)
+            meta_order = torch.randperm(self.meta_y.shape[0], generator=self.shuffle).to(device)
             sums, first_step = dict.fromkeys(["steps", *STEP_STATS, "meta_steps", "meta_grad_norm"], 0.0), 0
-            choices.reset()
-        batches = range(first_step, steps_per_epoch)
+            self.choices.reset()
+        n_meta_batch = min(args.meta_batch_size, self.meta_y.shape[0])
+        batches = range(first_step, self.steps_per_epoch)
         lines = None
-        if use_bar and ranks.is_main:
+        if self.use_bar and ranks.is_main:
             from tqdm import tqdm
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
         elif ranks.is_main:
-            lines = ProgressLines(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch, first_step)
+            lines = ProgressLines(f"epoch {epoch + 1}/{args.epochs}", self.steps_per_epoch, first_step)
         for i in batches:
-            idx = batch_rows(order, i, steps_per_epoch, args.batch_size, ranks.world)[ranks.rank::ranks.world]
-            x = train_x[idx]
-            if augment:
-                x = random_crop_flip(x, generator=augment_gen)
-            meta_rows = meta_order[(i * n_meta_batch) % meta_y.shape[0]:][:n_meta_batch]
-            with stop_on_nonfinite(epoch):
-                stats = trainer.step(x, train_y[idx], meta_x[meta_rows], meta_y[meta_rows], corrupted=corrupted[idx])
-            scheduler.step()
-            ranks.broadcast_buffers(model)
+            idx = batch_rows(order, i, self.steps_per_epoch, args.batch_size, ranks.world)[ranks.rank::ranks.world]
+            x = self.train_x[idx]
+            if args.dataset != "fashion-mnist":
+                x = random_crop_flip(x, generator=self.augment_gen)
+            meta_rows = meta_order[(i * n_meta_batch) % self.meta_y.shape[0]:][:n_meta_batch]
+            with self.stop_on_nonfinite(epoch):
+                stats = trainer.step(x, self.train_y[idx], self.meta_x[meta_rows], self.meta_y[meta_rows],
+                                     corrupted=self.corrupted[idx])
+            self.scheduler.step()
+            ranks.broadcast_buffers(trainer.model)
             if trainer.last_choice is not None:
-                choices.add(idx, *trainer.last_choice)
-            if board is not None:
-                step_no = epoch * steps_per_epoch + i + 1
-                board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
+                self.choices.add(idx, *trainer.last_choice)
+            if self.board is not None:
+                step_no = epoch * self.steps_per_epoch + i + 1
+                self.board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
                 for key in ("loss", "natural", "boundary", "anti", "frac_anti"):
-                    board.add_scalar(f"step/{CSV_NAMES.get(key, key)}", stats[key], step_no)
-            if use_bar and ranks.is_main and i % 25 == 0:  # reading the loss waits for the GPU
+                    self.board.add_scalar(f"step/{CSV_NAMES.get(key, key)}", stats[key], step_no)
+            if self.use_bar and ranks.is_main and i % 25 == 0:  # reading the loss waits for the GPU
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             elif lines is not None:
                 lines.update(i + 1, lambda: f"loss {stats['loss']:.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
-            if stopper.requested:
-                add_step_stats(sums, epoch)
-                checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
-                                       choices=choices.state_dict()))
-                if ranks.is_main:
-                    print(f"stopped after step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}; checkpoint written "
-                          f"to {ckpt_path}; continue with --resume", file=sys.stderr, flush=True)
-                ranks.close()
-                raise SystemExit(130)
-        add_step_stats(sums, epoch)
+            if self.stopper.requested:
+                self.add_step_stats(sums, epoch)
+                self.save_checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
+                                                 choices=self.choices.state_dict()))
+                self.stop(f"stopped after step {i + 1}/{self.steps_per_epoch} of epoch {epoch + 1}; checkpoint "
+                          f"written to {self.ckpt_path}; continue with --resume")
+        self.add_step_stats(sums, epoch)
         trainer.reduce_epoch_losses(ranks.sum_)
         trainer.end_epoch(fairness=False)
         n = max(sums["steps"], 1)
-        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], **{CSV_NAMES.get(k, k): sums[k] / n for k in STEP_STATS},
-                   meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
-                   **choices.summary(scenario.train_y_clean), skipped=trainer.skipped_steps,
-                   test_clean_acc="", test_pgd_acc="")
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            sub = torch.arange(min(args.eval_subset, test_y.shape[0]), device=device)
-            ev = evaluate_split(model, test_x[sub], test_y[sub], c, args, device, seed=args.seed + EPOCH_EVAL_SEED_OFFSET + epoch)
-            row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
-            if ranks.is_main and (best is None or ev["pgd_acc"] > best["test_pgd_acc"]):
-                best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
-                save_atomic({"config_hash": run_hash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
-                            os.path.join(args.out, "best.pt"))
-        row["seconds"] = round(time.time() - t0, 2)
-        history.append(row)
-        checkpoint(epoch + 1)
+        return dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"],
+                    **{CSV_NAMES.get(k, k): sums[k] / n for k in STEP_STATS},
+                    meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
+                    **self.choices.summary(self.scenario.train_y_clean), skipped=trainer.skipped_steps,
+                    test_clean_acc="", test_pgd_acc="")
+
+    def evaluate_epoch(self, epoch: int, row: dict) -> None:
+        """Clean and PGD accuracy on the first --eval-subset test images into `row`; best.pt
+        follows the best PGD accuracy."""
+        args, model = self.args, self.trainer.model
+        sub = torch.arange(min(args.eval_subset, self.test_y.shape[0]), device=self.device)
+        ev = evaluate_split(model, self.test_x[sub], self.test_y[sub], self.data.num_classes, args, self.device,
+                            seed=args.seed + EPOCH_EVAL_SEED_OFFSET + epoch)
+        row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
+        if self.ranks.is_main and (self.best is None or ev["pgd_acc"] > self.best["test_pgd_acc"]):
+            self.best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
+            save_atomic({"config_hash": self.run_hash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
+                        os.path.join(args.out, "best.pt"))
+
+    def record_epoch(self, row: dict) -> None:
+        """The epoch into the history, the checkpoint, metrics.csv, TensorBoard and the log."""
+        args = self.args
+        self.history.append(row)
+        self.save_checkpoint(row["epoch"])
+        if not self.ranks.is_main:
+            return
+        with open(os.path.join(args.out, "metrics.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.history)
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"epoch/{key}", value, row["epoch"])
+            self.board.flush()
+        acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
+               if row["test_clean_acc"] != "" else "")
+        anti = f", anti share {row['frac_anti']:.2f}" if args.method in AAA_METHODS else ""
+        print(f"epoch {row['epoch']}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
+              f"lr {self.trainer.optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
+
+    def finish(self) -> dict:
+        """Evaluate the final model on the test set (or --test-subset); final.json, the plots."""
+        args, ranks = self.args, self.ranks
+
+        def stop_during_evaluation(_done: int) -> None:
+            if self.stopper.requested:  # training is saved; only the evaluation is lost, and --resume redoes it
+                self.stop(f"stopped during the final evaluation; training is complete in {self.ckpt_path}; "
+                          "--resume redoes the evaluation")
+
+        final = final_evaluation(self.trainer.model, self.data, args, self.device,
+                                 progress=ranks.is_main and not self.use_bar, on_batch=stop_during_evaluation)
+        history = self.history
+        final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
+                     scenario=self.scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
+                     diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
         if ranks.is_main:
-            with open(os.path.join(args.out, "metrics.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-                writer.writeheader()
-                writer.writerows(history)
-            acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
-                   if row["test_clean_acc"] != "" else "")
-            if board is not None:
-                for key, value in row.items():
-                    if key != "epoch" and isinstance(value, (int, float)):
-                        board.add_scalar(f"epoch/{key}", value, epoch + 1)
-                board.flush()
-            anti = f", anti share {row['frac_anti']:.2f}" if args.method in AAA_METHODS else ""
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
-                  f"lr {optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
+            with open(os.path.join(args.out, "final.json"), "w") as f:
+                json.dump(final, f, indent=2)
+            make_plots(args.out, history, final, args, test_size=self.test_y.shape[0])
+            if self.board is not None:
+                for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err"):
+                    self.board.add_scalar(f"final/{key}", final[key], args.epochs)
+                self.board.close()
+            print(format_final(final), flush=True)
+        ranks.close()
+        if self.out_lock is not None:
+            self.out_lock.release()
+        return final
 
-    def stop_during_evaluation(_done: int) -> None:
-        if stopper.requested:  # training is saved; only the evaluation is lost, and --resume redoes it
-            if ranks.is_main:
-                print(f"stopped during the final evaluation; training is complete in {ckpt_path}; "
-                      "--resume redoes the evaluation", file=sys.stderr, flush=True)
-            ranks.close()
-            raise SystemExit(130)
 
-    final = final_evaluation(model, data, args, device, progress=ranks.is_main and not use_bar,
-                             on_batch=stop_during_evaluation)
-    final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
-                 scenario=scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
-                 diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
-    if ranks.is_main:
-        with open(os.path.join(args.out, "final.json"), "w") as f:
-            json.dump(final, f, indent=2)
-        make_plots(args.out, history, final, args, test_size=test_y.shape[0])
-        if board is not None:
-            for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err"):
-                board.add_scalar(f"final/{key}", final[key], args.epochs)
-            board.close()
-        print(format_final(final), flush=True)
-    ranks.close()
-    if out_lock is not None:
-        out_lock.release()
-    return final
+def train(args: argparse.Namespace) -> dict:
+    """One run from the CLI's arguments, resolved (aaa_fast.train.resolve_defaults); returns final.json's content."""
+    run = Run(args)
+    for epoch in range(run.start_epoch, args.epochs):
+        t0 = time.time()
+        row = run.train_epoch(epoch)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            run.evaluate_epoch(epoch, row)
+        row["seconds"] = round(time.time() - t0, 2)
+        run.record_epoch(row)
+    return run.finish()

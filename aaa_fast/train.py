@@ -11,6 +11,7 @@ results on the test set), curves.png and classwise.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -22,9 +23,13 @@ from .models import ARCHS
 from .objective import OBJECTIVES
 from .run import train
 from .runtime import run_cli
-from .trainer import BOUND_MODES, METHODS, fill_meta_init_defaults
+from .trainer import BOUND_MODES, METHODS, AAAConfig, fill_defaults
 
 NOISE_ALIASES = {"sym": "uniform", "asym": "flip1"}
+FMNIST_EPS = 0.1  # Fashion-MNIST's training and evaluation bound (its images are not CIFAR's)
+
+# the flags that map onto AAAConfig fields take their defaults from it (one home per setting)
+CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(AAAConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. 8/255); default 10/255 for aaa*, 8/255 otherwise, 0.1 on Fashion-MNIST")
     g.add_argument("--alpha", type=number_arg(float, 0, lo_open=True), default=None,
                    help="attack step size; default eps/4")
-    g.add_argument("--steps", type=number_arg(int, 0), default=10, help="attack steps per training batch")
+    g.add_argument("--steps", type=number_arg(int, 0), default=CONFIG_DEFAULTS["steps"], help="attack steps per training batch")
     g.add_argument("--lam", type=number_arg(float, 0), default=None,
                    help="TRADES lambda; default 1.5 for aaa*, 6 otherwise")
-    g.add_argument("--objective", default="kl-all", choices=OBJECTIVES,
+    g.add_argument("--objective", default=CONFIG_DEFAULTS["objective"], choices=OBJECTIVES,
                    help="kl-all (extension; study v2 in docs/RESULTS.md): the KL term applies to every row, so "
                         "anti-adversarial rows keep adversarial training; paper: a_i weights the natural CE and "
                         "the KL term, as the authors' objective")
-    g.add_argument("--meta-init", default="trades", choices=META_INITS,
+    g.add_argument("--meta-init", default=CONFIG_DEFAULTS["meta_init"], choices=META_INITS,
                    help="how the meta-network starts: trades (every row on the TRADES side, learnable) "
                         "or reference (the authors' default init; with T=0.001 a near-hard coin toss)")
     g.add_argument("--temperature", type=number_arg(float, 0, lo_open=True), default=None,
@@ -74,10 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anti-cap", type=number_arg(float, 0, 1), default=None,
                    help="collapse guard: the meta objective pays for a batch's anti share above this; "
                         "default 0.5 (trades init), 1 = off (reference)")
-    g.add_argument("--meta-every", type=number_arg(int, 1), default=50, help="a meta step every this many iterations")
-    g.add_argument("--meta-lr", type=number_arg(float, 0, lo_open=True), default=1e-4, help="meta-network Adam lr")
+    g.add_argument("--meta-every", type=number_arg(int, 1), default=CONFIG_DEFAULTS["meta_every"],
+                   help="a meta step every this many iterations")
+    g.add_argument("--meta-lr", type=number_arg(float, 0, lo_open=True), default=CONFIG_DEFAULTS["meta_lr"],
+                   help="meta-network Adam lr")
+    g.add_argument("--meta-weight-decay", type=number_arg(float, 0), default=CONFIG_DEFAULTS["meta_weight_decay"],
+                   help="meta-network Adam weight decay")
+    g.add_argument("--meta-hidden", type=number_arg(int, 1), default=CONFIG_DEFAULTS["meta_hidden"],
+                   help="meta-network hidden width")
+    g.add_argument("--meta-start-a", type=number_arg(float, 0, 1, lo_open=True, hi_open=True),
+                   default=CONFIG_DEFAULTS["meta_start_a"], help="trades init: the TRADES weight a_i every row starts at")
     g.add_argument("--meta-batch-size", type=number_arg(int, 1), default=100, help="meta-set rows per meta step")
-    g.add_argument("--no-fairness", action="store_true", help="turn the FRL multipliers off for frl/aaa*")
+    g.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=None,
+                   help="FRL's class-wise multipliers; default on for frl/aaa*, off otherwise")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=number_arg(int, 1), default=100,
                    help="training epochs; with --resume, more than the run had extends it")
@@ -87,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=number_arg(float, 0), default=5e-4, help="SGD weight decay")
     g.add_argument("--schedule", default="step", choices=["step", "cosine"],
                    help="lr schedule per step: step (x0.1 at 50%% and 75%% of the steps) or cosine")
-    g.add_argument("--amp", default="none", choices=list(AMP), help="autocast precision")
+    g.add_argument("--amp", default=CONFIG_DEFAULTS["amp"], choices=list(AMP), help="autocast precision")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--no-cuda-graphs", action="store_true",
-                   help="on CUDA, run the attacks eagerly instead of replaying them from CUDA graphs (same results)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=CONFIG_DEFAULTS["cuda_graphs"],
+                   help="on CUDA, replay the attacks from CUDA graphs (--no-cuda-graphs: eagerly; same results)")
     g.add_argument("--seed", type=number_arg(int, 0), default=0, help="seed of the data draw, noise and training")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a NaN/inf loss instead of stopping")
     g = p.add_argument_group("evaluation")
@@ -120,15 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     fmnist = args.dataset == "fashion-mnist"
     args.label_noise = NOISE_ALIASES.get(args.label_noise, args.label_noise)
-    if args.eps is None:
-        args.eps = 0.1 if fmnist else (10 / 255 if args.method.startswith("aaa") else 8 / 255)
-    if args.alpha is None:
-        args.alpha = args.eps / 4
+    fill_defaults(args, default_eps=FMNIST_EPS if fmnist else None)
     if args.eval_eps is None:
-        args.eval_eps = 0.1 if fmnist else 8 / 255
-    if args.lam is None:
-        args.lam = 1.5 if args.method.startswith("aaa") else 6.0
-    fill_meta_init_defaults(args)
+        args.eval_eps = FMNIST_EPS if fmnist else CONFIG_DEFAULTS["fairness_eval_eps"]
     if args.download is None:
         args.download = not fmnist
     if args.label_noise == "none" and args.noise_rate > 0:

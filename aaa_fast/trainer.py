@@ -1,6 +1,9 @@
 """AAATrainer: the drop-in training step for AAA and its baselines (METHOD.md).
 
-    trainer = AAATrainer(model, optimizer, meta_net=MetaNet(), meta_optimizer=Adam(...), config=AAAConfig())
+    config = AAAConfig()                              # every setting, per-method defaults filled in
+    meta_net = make_meta_net(config).to(device)
+    trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=make_meta_optimizer(config, meta_net),
+                         config=config)
     for x, y in loader:
         stats = trainer.step(x, y, x_meta, y_meta)    # a meta batch every step; used every k-th
     epoch_means = trainer.read_stats()                # one host synchronisation
@@ -30,14 +33,14 @@ from .attack import (AMP, AttackGraphs, attack_rows, autocast, box_error, build_
                      check_labels, eval_mode, label_error)
 from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
-from .meta import META_INITS, MetaNet, meta_gradient
+from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet, meta_gradient
 from .objective import INITIAL_CLASS_LOSS, OBJECTIVES, sample_features, weighted_objective
 from .ops import project
 
 METHODS = ("erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa", "aaa-oracle")
 AAA_METHODS = ("aaa-fixed", "aaa", "aaa-oracle")  # the ones that build the adversarial/anti-adversarial pair
-# the meta-network's temperature and collapse guard that go with each way of starting it
-META_INIT_DEFAULTS = {"trades": dict(temperature=0.05, anti_cap=0.5), "reference": dict(temperature=1e-3, anti_cap=1.0)}
+# the collapse guard that goes with each way of starting the meta-network (1.0: off, as the reference)
+INIT_ANTI_CAP = {"trades": 0.5, "reference": 1.0}
 GRAD_BAND = 1e-3  # a row whose a(1 - a) is above this still gets a meta-gradient (diagnostics)
 BOUND_MODES = ("fixed", "remargin", "meta")
 # per-step statistics (StepStats keys, read_stats means): the objective's terms, the mean bound,
@@ -74,22 +77,34 @@ class StepStats(Mapping):
         return len(self._values) + len(self._host)
 
 
-def fill_meta_init_defaults(settings) -> None:
-    """Set `settings.temperature` and `.anti_cap` left at None to the values that go with
-    `settings.meta_init` (an AAAConfig, or the CLI's arguments so config.json records them)."""
-    for key, value in META_INIT_DEFAULTS[settings.meta_init].items():
+def fill_defaults(settings, *, default_eps: float | None = None) -> None:
+    """The one home of the per-method defaults. Sets each of eps, alpha, lam, bound_mode,
+    fairness, temperature and anti_cap that `settings` (an AAAConfig, or the CLI's arguments, so
+    that config.json records the values used) leaves at None:
+    eps: `default_eps` (a data set's), else 10/255 for aaa* (the paper's) and 8/255 otherwise;
+    alpha: eps / 4; lam: 1.5 for aaa* (the paper's), 6 otherwise (TRADES' 1/lambda);
+    bound_mode: remargin (FRL's class-wise bounds) for frl and aaa*, fixed otherwise;
+    fairness: on for frl and aaa*; temperature and anti_cap: those of settings.meta_init."""
+    aaa, frl_like = settings.method in AAA_METHODS, settings.method in ("frl", *AAA_METHODS)
+    defaults = dict(eps=default_eps if default_eps is not None else (10 / 255 if aaa else 8 / 255),
+                    lam=1.5 if aaa else 6.0, bound_mode="remargin" if frl_like else "fixed", fairness=frl_like,
+                    temperature=INIT_TEMPERATURE[settings.meta_init], anti_cap=INIT_ANTI_CAP[settings.meta_init])
+    for key, value in defaults.items():
         if getattr(settings, key) is None:
             setattr(settings, key, value)
+    if settings.alpha is None:
+        settings.alpha = settings.eps / 4
 
 
 @dataclass
 class AAAConfig:
     method: str = "aaa"              # erm | pgd-at | trades | frl | aaa-fixed | aaa | aaa-oracle
     num_classes: int = 10
-    eps: float = 10 / 255            # base bound eps_0, pixel units
-    alpha: float = 2 / 255           # attack step
+    # a field left at None takes its per-method default from fill_defaults
+    eps: float | None = None         # base bound eps_0, pixel units; 10/255 for aaa*, 8/255 otherwise
+    alpha: float | None = None       # attack step; eps / 4
     steps: int = 10                  # attack steps K
-    lam: float = 1.5                 # TRADES trade-off lambda (TRADES paper: 6 = 1/lambda)
+    lam: float | None = None         # TRADES trade-off lambda; 1.5 for aaa*, 6 otherwise (TRADES' 1/lambda)
     adv_loss: str = "kl"             # adversarial examples: "kl" (TRADES) or "ce" (PGD-CE)
     norm: str = "linf"
     bound_mode: str | None = None    # fixed | remargin | meta; default: remargin for frl/aaa*, else fixed
@@ -99,8 +114,12 @@ class AAAConfig:
     temperature: float | None = None  # T of the meta-net's softmax; default 0.05 (trades init), 1e-3 (reference)
     anti_cap: float | None = None    # collapse guard: the meta objective pays mean_i b_i - anti_cap when
                                      # positive; default 0.5 (trades init), 1.0 = off (reference)
-    s_min: float = 0.5               # meta bounds: s_i in [s_min, s_max]
-    s_max: float = 2.0
+    s_min: float = S_RANGE[0]        # meta bounds: s_i in [s_min, s_max]
+    s_max: float = S_RANGE[1]
+    meta_hidden: int = HIDDEN        # the meta-network's hidden width
+    meta_start_a: float = START_A    # trades init: the a_i every row starts at
+    meta_lr: float = 1e-4            # the meta-network's Adam (make_meta_optimizer)
+    meta_weight_decay: float = 5e-4
     meta_every: int = 50             # k: one meta step every k iterations
     fixed_weights: tuple[float, float] = (0.5, 0.5)  # aaa-fixed: (a_i, b_i) for every sample
                                      # (aaa-oracle: a_i = 0, b_i = 1 on corrupted-label rows, else 1, 0)
@@ -122,13 +141,9 @@ class AAAConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.bound_mode is None:
-            self.bound_mode = "remargin" if self.method in ("frl", *AAA_METHODS) else "fixed"
-        if self.fairness is None:
-            self.fairness = self.method in ("frl", *AAA_METHODS)
         if self.meta_init not in META_INITS:
             raise ValueError(f"meta_init must be one of {META_INITS}, got {self.meta_init!r}")
-        fill_meta_init_defaults(self)
+        fill_defaults(self)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
         if not 0 <= self.anti_cap <= 1:
@@ -147,6 +162,14 @@ class AAAConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if not (isinstance(self.steps, int) and self.steps >= 0):
             raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        for name in ("meta_lr", "meta_weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if not (isinstance(self.meta_hidden, int) and self.meta_hidden >= 1):
+            raise ValueError(f"meta_hidden must be an int >= 1, got {self.meta_hidden!r}")
+        if not 0 < self.meta_start_a < 1:
+            raise ValueError(f"meta_start_a must be in (0, 1), got {self.meta_start_a}")
         if not (isinstance(self.meta_every, int) and self.meta_every >= 1):
             raise ValueError(f"meta_every must be an int >= 1, got {self.meta_every!r}")
         if self.adv_loss not in ("kl", "ce"):
@@ -160,16 +183,23 @@ class AAAConfig:
 
 
 def make_meta_net(config: AAAConfig, *, seed: int | None = None) -> MetaNet:
-    """The meta-network `config` describes (init, temperature, bound head), its initial weights
-    drawn from `seed` when given (without touching the global random state)."""
+    """The meta-network `config` describes (init, width, temperature, bound head), its initial
+    weights drawn from `seed` when given (without touching the global random state)."""
     def build():
-        return MetaNet(temperature=config.temperature, bound_head=config.bound_mode == "meta",
-                       s_min=config.s_min, s_max=config.s_max, init=config.meta_init)
+        return MetaNet(hidden=config.meta_hidden, temperature=config.temperature, bound_head=config.bound_mode == "meta",
+                       s_min=config.s_min, s_max=config.s_max, init=config.meta_init, start_a=config.meta_start_a)
     if seed is None:
         return build()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def make_meta_optimizer(config: AAAConfig, meta_net: MetaNet) -> torch.optim.Adam:
+    """The meta-network's Adam with config.meta_lr and .meta_weight_decay (fused on CUDA, so a
+    meta step does not wait for the GPU)."""
+    fused = next(meta_net.parameters()).is_cuda
+    return torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay, fused=fused)
 
 
 class AAATrainer:

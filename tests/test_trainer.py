@@ -429,7 +429,7 @@ def test_read_stats_are_the_means_of_the_steps():
 
 def test_fused_optimizer_trains_like_the_plain_one():
     x, y = toy_problem()
-    plain, fused = make_trainer("trades", eps=0.1, alpha=0.05), fused_trainer("trades", "cpu", lam=1.5)
+    plain, fused = make_trainer("trades", eps=0.1, alpha=0.05, lam=1.5), fused_trainer("trades", "cpu", lam=1.5)
     plain.config.steps = fused.config.steps = 2
     for _ in range(3):
         plain.step(x, y)

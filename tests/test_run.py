@@ -1,0 +1,92 @@
+"""aaa_fast.run and the CLI's settings: every trainer setting has one home (AAAConfig, with the
+per-method defaults in trainer.fill_defaults), and the flags map onto it without a second copy."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from aaa_fast.meta import INIT_TEMPERATURE, MetaNet
+from aaa_fast.run import trainer_config
+from aaa_fast.train import build_parser, resolve_defaults
+from aaa_fast.trainer import AAAConfig, make_meta_net, make_meta_optimizer
+
+BALANCED = torch.full((10,), 100)
+# AAAConfig fields the run derives rather than reads from a flag of the same name
+DERIVED = {"num_classes", "class_share", "fairness_eval_eps", "fairness_eval_steps"}
+# library-only settings: no flag (the CLI runs them at their defaults)
+LIBRARY_ONLY = {"adv_loss", "norm", "s_min", "s_max", "fixed_weights", "tau", "rho1", "rho2"}
+
+
+def cli_config(*flags: str) -> AAAConfig:
+    args = resolve_defaults(build_parser().parse_args(["--device", "cpu", *flags]))
+    return trainer_config(args, 10, BALANCED)
+
+
+@pytest.mark.parametrize("method,eps,lam,bound_mode,fairness", [
+    ("erm", 8 / 255, 6.0, "fixed", False), ("pgd-at", 8 / 255, 6.0, "fixed", False),
+    ("trades", 8 / 255, 6.0, "fixed", False), ("frl", 8 / 255, 6.0, "remargin", True),
+    ("aaa", 10 / 255, 1.5, "remargin", True), ("aaa-fixed", 10 / 255, 1.5, "remargin", True),
+])
+def test_per_method_defaults(method, eps, lam, bound_mode, fairness):
+    config = AAAConfig(method=method)
+    assert (config.eps, config.alpha, config.lam) == (eps, eps / 4, lam)
+    assert (config.bound_mode, config.fairness) == (bound_mode, fairness)
+    # the CLI resolves the same defaults (CIFAR-10: no data set bound of its own)
+    assert cli_config("--method", method) == dataclasses.replace(config, class_share=[0.1] * 10)
+
+
+def test_given_values_win_over_defaults():
+    config = AAAConfig(method="trades", eps=0.2, lam=2.0, fairness=True, bound_mode="remargin")
+    assert (config.eps, config.alpha, config.lam, config.fairness, config.bound_mode) == (0.2, 0.05, 2.0, True, "remargin")
+
+
+def test_meta_init_sets_temperature_and_guard():
+    assert (AAAConfig().temperature, AAAConfig().anti_cap) == (0.05, 0.5)
+    ref = AAAConfig(meta_init="reference")
+    assert (ref.temperature, ref.anti_cap) == (1e-3, 1.0)
+    assert MetaNet(init="reference").temperature == INIT_TEMPERATURE["reference"] == 1e-3
+    assert cli_config("--meta-init", "reference").temperature == 1e-3
+
+
+def test_fashion_mnist_bound_is_the_data_sets():
+    config = cli_config("--dataset", "fashion-mnist", "--method", "trades")
+    assert (config.eps, config.alpha, config.fairness_eval_eps) == (0.1, 0.025, 0.1)
+
+
+def test_every_config_field_has_a_flag_or_a_stated_reason():
+    args = vars(build_parser().parse_args([]))
+    fields = {f.name for f in dataclasses.fields(AAAConfig)}
+    assert fields - set(args) == DERIVED | LIBRARY_ONLY
+    # each mapped flag reaches the config: a non-default value on the command line is the config's value
+    config = cli_config("--method", "aaa", "--eps", "0.2", "--alpha", "0.03", "--steps", "4", "--lam", "2",
+                        "--bound-mode", "meta", "--no-fairness", "--objective", "paper", "--meta-init", "reference",
+                        "--temperature", "0.3", "--anti-cap", "0.7", "--meta-every", "7", "--meta-lr", "0.01",
+                        "--meta-weight-decay", "0", "--meta-hidden", "16", "--meta-start-a", "0.6", "--amp", "bf16",
+                        "--channels-last", "--compile", "--no-cuda-graphs", "--seed", "3", "--skip-nonfinite",
+                        "--eval-eps", "0.05", "--eval-steps", "5")
+    assert dataclasses.asdict(config) == dict(
+        dataclasses.asdict(AAAConfig()), method="aaa", eps=0.2, alpha=0.03, steps=4, lam=2.0, bound_mode="meta",
+        fairness=False, objective="paper", meta_init="reference", temperature=0.3, anti_cap=0.7, meta_every=7,
+        meta_lr=0.01, meta_weight_decay=0.0, meta_hidden=16, meta_start_a=0.6, amp="bf16", channels_last=True,
+        compile=True, cuda_graphs=False, seed=3, skip_nonfinite=True, fairness_eval_eps=0.05, fairness_eval_steps=5,
+        class_share=[0.1] * 10)
+
+
+def test_meta_net_and_optimizer_follow_the_config():
+    config = AAAConfig(meta_hidden=16, meta_start_a=0.6, meta_lr=0.01, meta_weight_decay=0.0)
+    net = make_meta_net(config, seed=0)
+    assert net.net[1].out_features == 16
+    bias = net.net[-1].bias  # the rows' split is centred on logit(start_a) = (bias_a - bias_b) / T
+    assert ((bias[0] - bias[1]) / config.temperature).item() == pytest.approx(math.log(0.6 / 0.4), rel=1e-5)
+    group = make_meta_optimizer(config, net).param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.01, 0.0)
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    (dict(meta_hidden=0), "meta_hidden must be an int >= 1"), (dict(meta_start_a=1.0), "meta_start_a must be in"),
+    (dict(meta_lr=float("nan")), "meta_lr must be finite"), (dict(meta_weight_decay=-1.0), "meta_weight_decay must be"),
+])
+def test_meta_setting_errors(kwargs, text):
+    with pytest.raises(ValueError, match=text):
+        AAAConfig(**kwargs)
