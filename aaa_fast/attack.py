@@ -47,6 +47,12 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = 
     return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
 
 
+def predict(model: nn.Module, x: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
+    """Logits in eval mode, without autograd, under autocast: every prediction outside training."""
+    with eval_mode(model), torch.no_grad(), autocast(x.device, amp_dtype):
+        return model(x)
+
+
 def kl_to_clean(clean_logits: Tensor) -> LossFn:
     """Per-sample KL(p(x) || p(x')) against the fixed clean prediction (TRADES); the clean
     log-probabilities are computed once per attack, not once per step."""
@@ -107,6 +113,11 @@ def check_labels(y: Tensor, num_classes: int) -> None:
         lo, hi = torch.stack([y.min(), y.max()]).tolist()
         if lo < 0 or hi >= num_classes:
             raise label_error(lo, hi, num_classes)
+
+
+def unit_float(x: Tensor) -> Tensor:
+    """Images as float32 in [0, 1]: uint8 pixels (how the data is held) scaled by 1/255."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
 def check_in_box(x: Tensor, lo: float, hi: float, name: str = "x", *, allow_nan: bool = False) -> None:
@@ -288,8 +299,7 @@ def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255,
     x = x.detach()
     with eval_mode(model):
         if loss_fn is None and loss == "kl":
-            with torch.no_grad(), autocast(device, amp_dtype):
-                clean_logits = model(x)
+            clean_logits = predict(model, x, amp_dtype)
             check_labels(y, clean_logits.shape[1])
             loss_fn = kl_to_clean(clean_logits)
         validate_labels = loss_fn is None  # cross-entropy: checked on the first forward
@@ -340,8 +350,7 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
     x2 = torch.cat([x, x])  # prepare_step_args checks eps and alpha against 2N rows
     _, e, a = prepare_step_args(x2, x2, x2, 1, both_halves("eps", eps), both_halves("alpha", alpha), norm, lo, hi)
     with eval_mode(model):
-        with torch.no_grad(), autocast(device, amp_dtype):
-            clean_logits = model(x)
+        clean_logits = predict(model, x, amp_dtype)
         check_labels(y, clean_logits.shape[1])
         out = build_pair(model, x, y, clean_logits, e, a, steps=steps, adv_loss=adv_loss, norm=norm,
                          random_start=random_start, lo=lo, hi=hi, amp_dtype=amp_dtype, generator=generator)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attack import AMP, autocast, eval_mode, perturb
+from .attack import AMP, perturb, predict, unit_float
 from .data import class_balanced_subset
 from .models import build_model
 from .runtime import ProgressLines
@@ -69,17 +69,13 @@ def classwise_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int,
     correct_rob = torch.zeros_like(correct_nat)
     counts = torch.zeros_like(correct_nat)
     for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size].to(device, non_blocking=True)
+        xb = unit_float(x[start:start + batch_size].to(device, non_blocking=True))
         yb = y[start:start + batch_size].to(device, non_blocking=True).long()
-        if xb.dtype == torch.uint8:
-            xb = xb.float() / 255
-        with eval_mode(model), torch.no_grad(), autocast(device, amp_dtype):
-            nat_ok = model(xb).argmax(1) == yb
+        nat_ok = predict(model, xb, amp_dtype).argmax(1) == yb
         if steps > 0 and eps > 0:
             xa = perturb(model, xb, yb, eps=eps, steps=steps, alpha=alpha, random_start=True,
                          amp_dtype=amp_dtype, generator=generator)
-            with eval_mode(model), torch.no_grad(), autocast(device, amp_dtype):
-                rob_ok = model(xa).argmax(1) == yb
+            rob_ok = predict(model, xa, amp_dtype).argmax(1) == yb
         else:
             rob_ok = nat_ok
         counts += torch.bincount(yb, minlength=num_classes)
@@ -165,7 +161,7 @@ def autoattack_accuracy(model, x, y, args) -> float | str:
     attack = torchattacks.AutoAttack(model, norm="Linf", eps=args.eval_eps, n_classes=int(y.max()) + 1, seed=args.seed)
     correct = 0
     for s in range(0, y.shape[0], 256):
-        xb = x[s:s + 256].float() / 255
+        xb = unit_float(x[s:s + 256])
         xa = attack(xb, y[s:s + 256])
         with torch.no_grad():
             correct += (model(xa).argmax(1) == y[s:s + 256]).sum().item()

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .attack import (AMP, AttackGraphs, attack_rows, autocast, box_error, build_pair, check_in_box, check_label_dtype,
-                     check_labels, eval_mode, label_error)
+                     check_labels, eval_mode, label_error, unit_float)
 from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet, meta_gradient
@@ -292,7 +292,7 @@ class AAATrainer:
             self._seen_low = torch.fmin(self._seen_low, torch.stack([x_lo.float(), y_lo.float()]))
             self._seen_high = torch.fmax(self._seen_high, torch.stack([x_hi.float(), y_hi.float()]))
             y = y.clamp(0, c - 1)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        x = unit_float(x)
         if self.config.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y

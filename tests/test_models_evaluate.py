@@ -63,3 +63,15 @@ def test_boundary_and_robust_errors():
     assert s["avg_bdy_err"] == pytest.approx(45.0) and s["worst_bdy_err"] == pytest.approx(50.0)
     assert s["avg_rob_err"] == pytest.approx(70.0) and s["worst_rob_err"] == pytest.approx(90.0)
     assert s["pgd_acc"] == pytest.approx(100 * (5 + 3) / 40)
+
+
+def test_uint8_images_are_pixels_over_255():
+    """classwise_accuracy on uint8 images equals the same images as floats / 255 (PGD included)."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", in_channels=1, num_classes=4)
+    pixels = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    y = torch.arange(12) % 4
+    runs = [classwise_accuracy(model, x, y, 4, eps=0.1, steps=2, alpha=0.05, generator=torch.Generator().manual_seed(1))
+            for x in (pixels, pixels.float() / 255)]
+    torch.testing.assert_close(runs[0].nat_acc, runs[1].nat_acc)
+    torch.testing.assert_close(runs[0].rob_acc, runs[1].rob_acc)

@@ -484,3 +484,16 @@ def test_a_skipped_first_fused_step_leaves_no_uninitialised_momentum():
     reference.step(x, y)
     for p, q in zip(trainer.model.parameters(), reference.model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["trades", "aaa"])
+def test_uint8_images_train_like_pixels_over_255(method):
+    x, y = toy_problem(16)
+    x_meta, y_meta = toy_problem(8, seed=1)
+    pixels, meta_pixels = (t.mul(255).round().to(torch.uint8) for t in (x, x_meta))
+    as_uint8, as_float = (make_trainer(method, meta_every=1, eps=0.1, alpha=0.05) for _ in range(2))
+    for _ in range(2):
+        as_uint8.step(pixels, y, meta_pixels, y_meta)
+        as_float.step(pixels.float() / 255, y, meta_pixels.float() / 255, y_meta)
+    for p, q in zip(as_uint8.model.parameters(), as_float.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
