@@ -90,6 +90,39 @@ def test_download_checks_md5(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "dl2" / "cifar-10-python.tar.gz")  # a bad download is not kept
 
 
+@pytest.mark.parametrize("has_data_filter", [True, False], ids=["tarfile-filter", "checked-by-hand"])
+@pytest.mark.parametrize("member", ["../outside.txt", "link"])
+def test_archive_members_outside_the_data_dir_are_refused(tmp_path, monkeypatch, has_data_filter, member):
+    """Python < 3.11.4 lacks tarfile's "data" filter: the hand check refuses what the filter does."""
+    if not has_data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python's tarfile has no data filter")
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tar:
+        if member == "link":
+            info = tarfile.TarInfo("link")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info = tarfile.TarInfo(member)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(DatasetError, match="refusing to extract"):
+        ds.extract_safely(str(archive), str(root))
+    assert not (tmp_path / "outside.txt").exists() and not (root / "link").exists()
+
+
+def test_archive_extracts_without_the_data_filter(tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = tmp_path / "good.tar.gz"
+    archive.write_bytes(_archive_of(tmp_path))
+    ds.extract_safely(str(archive), str(tmp_path / "out"))
+    assert load_cifar(str(tmp_path / "out")).train_x.shape[0] == 200
+
+
 def synthetic(n_per_class=100, classes=10):
     y = torch.arange(classes).repeat_interleave(n_per_class)
     x = torch.randint(0, 255, (y.shape[0], 1, 4, 4), dtype=torch.uint8)

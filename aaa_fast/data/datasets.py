@@ -114,6 +114,25 @@ def download(url: str, dest: str, md5: str) -> None:
             os.remove(tmp)
 
 
+def extract_safely(archive: str, root: str) -> None:
+    """Extract a tar archive under `root`, refusing members that are not plain files or folders
+    inside it (tarfile's "data" filter; checked by hand on Pythons before 3.11.4, which lack it)."""
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            try:
+                tar.extractall(root, filter="data")
+            except tarfile.FilterError as exc:
+                raise DatasetError(f"refusing to extract {archive}: {exc}") from None
+            return
+        base = os.path.realpath(root)
+        for member in tar.getmembers():
+            target = os.path.realpath(os.path.join(root, member.name))
+            if not (member.isfile() or member.isdir()) or os.path.commonpath([base, target]) != base:
+                raise DatasetError(f"refusing to extract {archive}: {member.name!r} is not a plain file or "
+                                   f"folder inside {root}")
+        tar.extractall(root)
+
+
 def load_cifar(root: str, name: str = "cifar10", *, download_missing: bool = False) -> Dataset:
     """CIFAR-10/100 from `root`/cifar-10-batches-py (or cifar-100-python), the official layout."""
     spec = CIFAR[name]
@@ -126,8 +145,7 @@ def load_cifar(root: str, name: str = "cifar10", *, download_missing: bool = Fal
         archive = os.path.join(root, spec["archive"])
         if not (os.path.exists(archive) and md5_of(archive) == spec["md5"]):
             download(spec["url"], archive, spec["md5"])
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
+        extract_safely(archive, root)
 
     def read(files):
         xs, ys = [], []
