@@ -48,8 +48,9 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = 
 
 
 def predict(model: nn.Module, x: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
-    """Logits in eval mode, without autograd, under autocast: every prediction outside training."""
-    with eval_mode(model), torch.no_grad(), autocast(x.device, amp_dtype):
+    """Logits without autograd, under autocast: every prediction outside training. The caller
+    holds the model in eval_mode (once around its loop, not once per call)."""
+    with torch.no_grad(), autocast(x.device, amp_dtype):
         return model(x)
 
 

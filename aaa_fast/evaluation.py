@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attack import AMP, perturb, predict, unit_float
+from .attack import AMP, eval_mode, perturb, predict, unit_float
 from .data import class_balanced_subset
 from .models import build_model
 from .runtime import ProgressLines
@@ -68,21 +68,22 @@ def classwise_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int,
     correct_nat = torch.zeros(num_classes, dtype=torch.float64, device=device)
     correct_rob = torch.zeros_like(correct_nat)
     counts = torch.zeros_like(correct_nat)
-    for start in range(0, x.shape[0], batch_size):
-        xb = unit_float(x[start:start + batch_size].to(device, non_blocking=True))
-        yb = y[start:start + batch_size].to(device, non_blocking=True).long()
-        nat_ok = predict(model, xb, amp_dtype).argmax(1) == yb
-        if steps > 0 and eps > 0:
-            xa = perturb(model, xb, yb, eps=eps, steps=steps, alpha=alpha, random_start=True,
-                         amp_dtype=amp_dtype, generator=generator)
-            rob_ok = predict(model, xa, amp_dtype).argmax(1) == yb
-        else:
-            rob_ok = nat_ok
-        counts += torch.bincount(yb, minlength=num_classes)
-        correct_nat.index_add_(0, yb, nat_ok.double())
-        correct_rob.index_add_(0, yb, rob_ok.double())
-        if on_batch is not None:
-            on_batch(start + yb.shape[0])
+    with eval_mode(model):  # BatchNorm statistics frozen for every batch (perturb keeps it so)
+        for start in range(0, x.shape[0], batch_size):
+            xb = unit_float(x[start:start + batch_size].to(device, non_blocking=True))
+            yb = y[start:start + batch_size].to(device, non_blocking=True).long()
+            nat_ok = predict(model, xb, amp_dtype).argmax(1) == yb
+            if steps > 0 and eps > 0:
+                xa = perturb(model, xb, yb, eps=eps, steps=steps, alpha=alpha, random_start=True,
+                             amp_dtype=amp_dtype, generator=generator)
+                rob_ok = predict(model, xa, amp_dtype).argmax(1) == yb
+            else:
+                rob_ok = nat_ok
+            counts += torch.bincount(yb, minlength=num_classes)
+            correct_nat.index_add_(0, yb, nat_ok.double())
+            correct_rob.index_add_(0, yb, rob_ok.double())
+            if on_batch is not None:
+                on_batch(start + yb.shape[0])
     denom = counts.clamp_min(1)
     return ClasswiseResult((correct_nat / denom).cpu(), (correct_rob / denom).cpu(), counts.cpu())
 

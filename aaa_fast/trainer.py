@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .attack import (AMP, AttackGraphs, attack_rows, autocast, box_error, build_pair, check_in_box, check_label_dtype,
-                     check_labels, eval_mode, label_error, unit_float)
+                     check_labels, eval_mode, label_error, predict, unit_float)
 from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet, meta_gradient
@@ -156,16 +156,12 @@ class AAAConfig:
             raise ValueError("bound_mode='meta' needs method='aaa' (the bounds come from the meta-network)")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        for name in ("eps", "alpha", "lam", "fairness_eval_eps"):
+        for name in ("eps", "alpha", "lam", "fairness_eval_eps", "meta_lr", "meta_weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if not (isinstance(self.steps, int) and self.steps >= 0):
             raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
-        for name in ("meta_lr", "meta_weight_decay"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if not (isinstance(self.meta_hidden, int) and self.meta_hidden >= 1):
             raise ValueError(f"meta_hidden must be an int >= 1, got {self.meta_hidden!r}")
         if not 0 < self.meta_start_a < 1:
@@ -334,8 +330,8 @@ class AAATrainer:
                               graphs=self.attack_graphs)
 
     def _clean_logits(self, x: Tensor) -> Tensor:
-        with eval_mode(self.model), torch.no_grad(), autocast(self.device, self.amp_dtype):
-            return self.net(x)
+        with eval_mode(self.model):
+            return predict(self.net, x, self.amp_dtype)
 
     def _forward(self, rows: list[Tensor], model_call=None, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
         """One train-mode forward of all rows concatenated (autocast to `amp_dtype`), split back."""
