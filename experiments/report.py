@@ -89,8 +89,8 @@ def scenario_table(scenario: str, methods: list[str], agg: dict) -> list[str]:
     for m in rows:
         cells = []
         for k, _ in METRICS:
-            mean, sd, _n = agg[scenario, m][k]
-            cell = f"{mean:.1f} ± {sd:.1f}"
+            mean, sd, n = agg[scenario, m][k]
+            cell = f"{mean:.1f} ± {sd:.1f}" if n > 1 else f"{mean:.1f}"  # one seed: no spread to show
             cells.append(f"**{cell}**" if mean == best[k] else cell)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {agg[scenario, m]['avg_nat_err'][2]} |")
     return lines
@@ -112,6 +112,9 @@ def versus_table(scenarios: list[str], candidates: list[str], baselines: list[st
             a = min(aaa, key=lambda m: agg[sc, m][k][0])
             b = min(base, key=lambda m: agg[sc, m][k][0])
             (ma, sa, na), (mb, sb, nb) = agg[sc, a][k], agg[sc, b][k]
+            if min(na, nb) < 2:  # a one-seed side has no spread, so the difference has no error estimate
+                cells.append(f"{ma - mb:+.1f} ({a} vs {b}, one seed)")
+                continue
             se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
             cells.append(f"{ma - mb:+.1f} ± {se:.1f} ({a} vs {b})")
         lines.append(f"| {sc} | " + " | ".join(cells) + " |")

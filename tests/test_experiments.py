@@ -265,6 +265,20 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     assert any(row.startswith("clean,TRADES,3,22.0000,2.0000,32.0000,2.0000,21.0000,1.0000") for row in summary)
 
 
+def test_report_one_seed_cells_show_no_spread():
+    # a cell with one finished seed has no standard deviation: the tables print its mean alone and
+    # give a difference against it no error estimate, instead of a "± 0.0" that claims certainty
+    one, three = {k: (30.0, 0.0, 1) for k, _ in report.METRICS}, {k: (28.0, 2.0, 3) for k, _ in report.METRICS}
+    agg = {("s", "A"): three, ("s", "B"): one, ("s", "C"): three}
+    table = report.scenario_table("s", ["A", "B"], agg)
+    assert table[3] == "| B | 30.0 | 30.0 | 30.0 | 30.0 | 30.0 | 30.0 | 1 |"
+    assert table[2].startswith("| A | **28.0 ± 2.0** |")
+    versus = report.versus_table(["s"], ["A"], ["B"], agg)[2]
+    assert versus == "| s | " + " | ".join(["-2.0 (A vs B, one seed)"] * len(report.HEADLINE)) + " |"
+    se = math.sqrt(2 * 4 / 3)
+    assert report.versus_table(["s"], ["A"], ["C"], agg)[2].startswith(f"| s | +0.0 ± {se:.1f} (A vs C) |")
+
+
 def test_report_roles_and_mechanism_table_by_hand():
     grid = {"methods": {"TRADES": [], "AAA": [], "Oracle": [], "ERM": []},
             "report": {"aaa": ["AAA"], "baselines": ["TRADES"], "controls": ["Oracle"]}}
