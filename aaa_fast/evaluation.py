@@ -164,8 +164,7 @@ def autoattack_accuracy(model, x, y, args) -> float | str:
     for s in range(0, y.shape[0], 256):
         xb = unit_float(x[s:s + 256])
         xa = attack(xb, y[s:s + 256])
-        with torch.no_grad():
-            correct += (model(xa).argmax(1) == y[s:s + 256]).sum().item()
+        correct += (predict(model, xa).argmax(1) == y[s:s + 256]).sum().item()
     return 100 * correct / y.shape[0]
 
 
