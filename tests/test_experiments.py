@@ -265,6 +265,29 @@ def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
     assert any(row.startswith("clean,TRADES,3,22.0000,2.0000,32.0000,2.0000,21.0000,1.0000") for row in summary)
 
 
+def test_report_headline_picks_only_the_versus_variants(finished_grid, tmp_path):
+    # an AAA variant at a smaller lambda has the lowest natural error; "versus" keeps it out of the
+    # best-minus-best table (it would win the natural columns by giving up robustness), not out of
+    # the per-scenario table
+    cfg = json.loads(open(finished_grid).read())
+    cfg["methods"]["AAA-low-lam"] = []
+    cfg["report"] = {"aaa": ["AAA-meta", "AAA-low-lam"], "versus": ["AAA-meta"], "baselines": ["TRADES", "FRL"]}
+    (tmp_path / "toy.json").write_text(json.dumps(cfg))
+    for seed in range(3):
+        run = tmp_path / "res" / "toy" / "clean" / "AAA-low-lam" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "final.json").write_text(json.dumps(fake_final((5, 15), (40, 45), [55] * 10)))
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("<!-- grid:toy begin -->\n<!-- grid:toy end -->\n")
+    report.main([str(tmp_path / "toy.json"), "--markdown", str(doc)])
+    lines = doc.read_text().splitlines()
+    assert any(line.startswith("**Best AAA variant minus best adversarial baseline** (AAA-meta against TRADES, FRL;")
+               for line in lines)
+    clean_vs = next(line for line in lines if line.startswith("| clean |"))
+    assert f"-2.0 ± {math.sqrt(1 / 3):.1f} (AAA-meta vs FRL)" in clean_vs and "AAA-low-lam" not in clean_vs
+    assert any(line.startswith("| AAA-low-lam | **5.0 ± 0.0** |") for line in lines)
+
+
 def test_report_one_seed_cells_show_no_spread():
     # a cell with one finished seed has no standard deviation: the tables print its mean alone and
     # give a difference against it no error estimate, instead of a "± 0.0" that claims certainty
@@ -282,9 +305,10 @@ def test_report_one_seed_cells_show_no_spread():
 def test_report_roles_and_mechanism_table_by_hand():
     grid = {"methods": {"TRADES": [], "AAA": [], "Oracle": [], "ERM": []},
             "report": {"aaa": ["AAA"], "baselines": ["TRADES"], "controls": ["Oracle"]}}
-    assert report.roles(grid) == {"aaa": ["AAA"], "baselines": ["TRADES"], "controls": ["Oracle"]}
-    assert report.roles({"methods": grid["methods"]}) == {"aaa": ["AAA"], "baselines": ["TRADES", "Oracle"],
-                                                          "controls": []}
+    assert report.roles(grid) == {"aaa": ["AAA"], "versus": ["AAA"], "baselines": ["TRADES"],
+                                  "controls": ["Oracle"]}
+    assert report.roles({"methods": grid["methods"]}) == {"aaa": ["AAA"], "versus": ["AAA"],
+                                                          "baselines": ["TRADES", "Oracle"], "controls": []}
 
     def last(corrupted, clean, auroc, band):
         return {"last_epoch": {"anti_share_corrupted": corrupted, "anti_share_clean": clean,
