@@ -269,7 +269,7 @@ def test_report_headline_picks_only_the_versus_variants(finished_grid, tmp_path)
     # an AAA variant at a smaller lambda has the lowest natural error; "versus" keeps it out of the
     # best-minus-best table (it would win the natural columns by giving up robustness), not out of
     # the per-scenario table
-    cfg = json.loads(open(finished_grid).read())
+    cfg = grid_mod.load_grid(finished_grid)
     cfg["methods"]["AAA-low-lam"] = []
     cfg["report"] = {"aaa": ["AAA-meta", "AAA-low-lam"], "versus": ["AAA-meta"], "baselines": ["TRADES", "FRL"]}
     (tmp_path / "toy.json").write_text(json.dumps(cfg))
