@@ -7,7 +7,9 @@ Each run writes to <out>/<scenario>/<method>/seed<k>/. A run with a final.json i
 skipped; any other run is started with --resume, so an interrupted grid (Ctrl-C, SIGKILL, a lost
 session) picks up inside the run it was in. Seeds are the outer loop: a grid stopped half-way has
 whole seeds of every cell. Checkpoints of finished runs are deleted unless --keep-checkpoints (the
-results are final.json, metrics.csv, config.json and train.log). Exit status 1 when a run failed.
+results are final.json, metrics.csv, config.json and train.log); a config with "keep_weights": true
+first keeps the final model's weights as model.pt (a small checkpoint `python -m aaa_fast.evaluate
+--checkpoint` reads), so that exactly these models can be re-evaluated. Exit status 1 when a run failed.
 
 A method is a list of CLI arguments, or {"args": [...], "scenarios": [...], "init_from": NAME}:
 "scenarios" limits it to those scenarios; "init_from" makes it a hot start, fine-tuned from the
@@ -27,6 +29,7 @@ import sys
 import time
 
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt")
+WEIGHTS = "model.pt"
 
 
 def load_grid(path: str) -> dict:
@@ -99,6 +102,15 @@ def finished(grid: dict, seed: int, scenario: str, method: str) -> bool:
         raise SystemExit(f"error: {out} was run with other arguments than the config gives now; "
                          "delete it (or change 'out') to rerun it")
     return True
+
+
+def keep_weights(out: str) -> None:
+    """The final model's weights from the run's checkpoint into model.pt (atomic, digest-checked,
+    the run's config hash kept), without the optimizer and trainer state: ~1 MB for a small CNN."""
+    from aaa_fast.checkpoint import load_checkpoint, save_atomic
+    state = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    save_atomic({"config_hash": state["config_hash"], "epoch": state["epoch"],
+                 "trainer": {"model": state["trainer"]["model"]}}, os.path.join(out, WEIGHTS))
 
 
 def _term_when_parent_dies() -> None:
@@ -184,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with open(os.path.join(out, "run.json"), "w") as f:
                 json.dump({"command": cmd[1:], "seconds": round(seconds, 1)}, f, indent=2)
+            if grid.get("keep_weights"):
+                keep_weights(out)
             if not args.keep_checkpoints:
                 for name in CHECKPOINTS if method not in keep else CHECKPOINTS[1:]:
                     if os.path.exists(os.path.join(out, name)):

@@ -67,6 +67,22 @@ def test_grid_runs_each_cell_once_and_skips_finished_runs(tmp_path, data_dir):
     assert changed.returncode != 0 and "other arguments" in changed.stderr
 
 
+def test_grid_keeps_final_weights_that_reproduce_the_run(tmp_path, data_dir):
+    """keep_weights: model.pt survives the checkpoints' deletion and re-evaluates to final.json."""
+    config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir, methods={"ERM": ["--method", "erm"]})
+    cfg = json.loads(open(config).read())
+    cfg.update(keep_weights=True, seeds=[0])
+    open(config, "w").write(json.dumps(cfg))
+    assert run_grid(config).returncode == 0
+    run = tmp_path / "res" / "flip" / "ERM" / "seed0"
+    assert (run / "model.pt").exists() and not (run / "checkpoint.pt").exists()
+    ev = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", str(run / "model.pt"),
+                         "--json", str(tmp_path / "eval.json")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    final, again = (json.loads(open(p).read()) for p in (run / "final.json", tmp_path / "eval.json"))
+    assert (again["clean_acc"], again["pgd_acc"]) == (final["clean_acc"], final["pgd_acc"])
+
+
 def wait_for(path, proc, seconds=300):
     deadline = time.time() + seconds
     while not os.path.exists(path):
