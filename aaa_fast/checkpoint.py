@@ -65,6 +65,24 @@ def save_atomic(obj: dict, path: str) -> None:
             os.remove(tmp)
 
 
+def write_json_atomic(obj, path: str) -> None:
+    """JSON to a temporary file in the same directory, fsynced, then renamed over `path`: a full
+    disk or a crash leaves the old file (or none), never a truncated one. An OSError names the file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_rotating(obj: dict, path: str) -> None:
     """save_atomic, keeping the checkpoint it replaces as <name>.prev.pt."""
     if os.path.exists(path):

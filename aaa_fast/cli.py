@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
@@ -43,3 +44,9 @@ def number_arg(kind, lo=None, hi=None, lo_open=False, hi_open=False):
             raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi}, got {value}")
         return value
     return parse
+
+
+def refuse_existing_output(path: str, flag: str) -> None:
+    """Results are never overwritten: refuse, naming the flag, an output file that exists."""
+    if os.path.exists(path):
+        raise SystemExit(f"error: {path} exists; results are never overwritten: choose another {flag} or move it")

@@ -1,7 +1,10 @@
-"""python -m aaa_fast.evaluate --checkpoint RUN/best.pt: re-evaluate a run's checkpoint.
+"""python -m aaa_fast.evaluate --checkpoint RUN/best.pt: re-evaluate a run's checkpoint, in fp32.
 
 With no overrides it reproduces the run's final.json numbers (same test set or --test-subset,
 same PGD budget and random starts); --eval-eps, --eval-steps and --test-subset change them.
+--autoattack adds AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE + APGD-T,
+not the standard), class-wise and worst-class; --masking-report writes the gradient-masking
+checks (several attacks on the same images, accuracy against eps, flags) as JSON and a plot.
 """
 from __future__ import annotations
 
@@ -12,24 +15,34 @@ import sys
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .autoattack import VERSIONS
+from .checkpoint import CheckpointError, load_checkpoint, write_json_atomic
+from .cli import HelpFormatter, number_arg, refuse_existing_output
 from .data import DatasetError, load_dataset
-from .cli import HelpFormatter, number_arg
-from .evaluation import check_test_subset, final_evaluation, format_final, model_for
+from .evaluation import (check_final_attack, check_test_subset, final_evaluation_points, final_test_set, format_final,
+                         model_for)
 from .runtime import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aaa_fast.evaluate", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a run (config.json beside it)")
-    p.add_argument("--eval-eps", type=number_arg(float, 0), default=None, help="PGD budget (e.g. 8/255); default: the run's")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint.pt, best.pt or model.pt of a run (config.json beside it)")
+    p.add_argument("--eval-eps", type=number_arg(float, 0), default=None, help="attack budget (e.g. 8/255); default: the run's")
     p.add_argument("--eval-steps", type=number_arg(int, 0), default=None, help="PGD steps; default: the run's")
     p.add_argument("--test-subset", type=number_arg(int, 1), default=None,
                    help="class-balanced test subset; default: the run's (the whole test set if it had none)")
-    p.add_argument("--autoattack", action="store_true", help="also run torchattacks' AutoAttack")
+    p.add_argument("--autoattack", nargs="?", const="standard", default=None, choices=sorted(VERSIONS),
+                   metavar="VERSION", help="also run AutoAttack: standard (the flag alone) or fast (APGD-CE + "
+                                           "APGD-T, not the standard)")
+    p.add_argument("--masking-report", action="store_true",
+                   help="gradient-masking checks on the same test images: PGD-20, PGD-100 x 5 restarts, APGD-CE, "
+                        "AutoAttack (--autoattack's version, default standard), Square alone, APGD-CE against "
+                        "growing eps; writes masking_report.json and .png to --report-dir")
+    p.add_argument("--report-dir", default=None, help="where the masking report goes; default: the checkpoint's directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="where to evaluate")
-    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--json", default=None, help="also write the results to this file (a new file)")
     return p
 
 
@@ -38,6 +51,12 @@ def main(argv=None) -> None:
     config_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
     if not os.path.exists(config_path):
         raise SystemExit(f"error: {config_path} not found: the checkpoint must sit in its run directory")
+    report_dir = args.report_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    report_path = os.path.join(report_dir, "masking_report.json")
+    if args.json:
+        refuse_existing_output(args.json, "--json")
+    if args.masking_report:
+        refuse_existing_output(report_path, "--report-dir")
     try:
         with open(config_path) as f:
             run = argparse.Namespace(**json.load(f))
@@ -51,21 +70,31 @@ def main(argv=None) -> None:
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
     check_test_subset(run.test_subset, data.num_classes)
-    run.autoattack = args.autoattack
+    run.aa_version = args.autoattack or "standard"
+    # the masking report reuses the final evaluation's AutoAttack (the same images and eps)
+    run.final_attack = "both" if args.autoattack or args.masking_report else "pgd"
+    check_final_attack(run.final_attack, run.aa_version)
     device = torch.device(args.device)
     model = model_for(run.arch, data, device)
     model.load_state_dict(state["trainer"]["model"])
+    model.eval()
     print(f"evaluating {args.checkpoint} (epoch {state.get('epoch')}) on "
-          f"{run.test_subset or data.test_y.shape[0]} test images", file=sys.stderr, flush=True)
-    result = final_evaluation(model, data, run, device, progress=True)
+          f"{run.test_subset or data.test_y.shape[0]} test images, fp32", file=sys.stderr, flush=True)
+    result, aa = final_evaluation_points(model, data, run, device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
                   eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
                   epoch=state.get("epoch"))
     print(format_final(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(result, args.json)
+    if args.masking_report:
+        from .masking import masking_report, write_masking_report
 
+        x, y = final_test_set(data, run.test_subset, device)
+        report = masking_report(model, x, y, eps=run.eval_eps, num_classes=data.num_classes, seed=run.seed,
+                                device=device, progress=True, autoattack_result=aa)
+        report.update(checkpoint=args.checkpoint, method=run.method, arch=run.arch, dataset=run.dataset)
+        print(write_masking_report(report, report_path, title=f"{run.method}, {run.dataset} ({run.arch})"))
 
 if __name__ == "__main__":
     run_cli(main)

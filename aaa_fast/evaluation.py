@@ -1,8 +1,10 @@
-"""Clean / PGD / class-wise / worst-class metrics (docs/METHOD.md, "Evaluation"), shared by the
-training and evaluation CLIs.
+"""Clean / PGD / AutoAttack, class-wise and worst-class metrics (docs/METHOD.md, "Evaluation"),
+shared by the training and evaluation CLIs. Every evaluation runs in fp32, whatever precision the
+run trained in: a bf16 attack has bf16 gradients and can only be weaker.
 
-Natural error e_c = 1 - clean accuracy of class c; robust error = 1 - PGD accuracy; boundary
-error r_c = clean accuracy - PGD accuracy (the share of class c that is correct but not robust).
+Natural error e_c = 1 - clean accuracy of class c; robust error = 1 - accuracy under the attack;
+boundary error r_c = clean accuracy - robust accuracy (the share of class c that is correct but
+not robust). The same class-wise result is built for PGD and for AutoAttack.
 """
 from __future__ import annotations
 
@@ -13,13 +15,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attack import AMP, eval_mode, perturb, predict, unit_float
+from .attack import eval_mode, perturb, predict, unit_float
+from .autoattack import autoattack, needs_torchattacks, torchattacks_missing
 from .data import class_balanced_subset
 from .models import build_model
 from .runtime import ProgressLines
 
 # the final evaluation's PGD random starts are drawn from seed + this, in train and evaluate alike
 FINAL_EVAL_SEED_OFFSET = 99
+EVAL_DTYPE = "float32"  # of every evaluation (final and per epoch), recorded in final.json
+FINAL_ATTACKS = ("pgd", "autoattack", "both")
 
 
 @dataclass
@@ -40,17 +45,32 @@ class ClasswiseResult:
     def bdy_err(self) -> Tensor:
         return self.nat_acc - self.rob_acc
 
-    def summary(self) -> dict[str, float]:
-        """Averages over classes and worst classes, in percent (as METHOD.md's tables)."""
+    @classmethod
+    def from_points(cls, y: Tensor, nat_ok: Tensor, rob_ok: Tensor, num_classes: int) -> "ClasswiseResult":
+        """From per-point outcomes (correct on the clean input; robust under the attack)."""
+        y = y.cpu().long()
+        counts = torch.bincount(y, minlength=num_classes).double()
+        nat = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, nat_ok.cpu().double())
+        rob = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, rob_ok.cpu().double())
+        denom = counts.clamp_min(1)
+        return cls(nat / denom, rob / denom, counts)
+
+    def _mean(self, acc: Tensor) -> float:
+        return 100 * (acc * self.counts).sum().item() / self.counts.sum().clamp_min(1).item()
+
+    def summary(self, prefix: str = "", acc_name: str = "pgd_acc") -> dict[str, float]:
+        """Averages over classes and worst classes, in percent (as METHOD.md's tables): natural
+        error and clean accuracy, then boundary and robust error (named with `prefix`) and the
+        robust accuracy (named `acc_name`)."""
         present = self.counts > 0
         out = {}
         for name, err in (("nat", self.nat_err), ("bdy", self.bdy_err), ("rob", self.rob_err)):
             e = err[present]
-            out[f"avg_{name}_err"] = 100 * e.mean().item()
-            out[f"worst_{name}_err"] = 100 * e.max().item()
-        total = self.counts.sum().clamp_min(1)
-        out["clean_acc"] = 100 * (self.nat_acc * self.counts).sum().item() / total.item()
-        out["pgd_acc"] = 100 * (self.rob_acc * self.counts).sum().item() / total.item()
+            key = "" if name == "nat" else prefix
+            out[f"{key}avg_{name}_err"] = 100 * e.mean().item()
+            out[f"{key}worst_{name}_err"] = 100 * e.max().item()
+        out["clean_acc"] = self._mean(self.nat_acc)
+        out[acc_name] = self._mean(self.rob_acc)
         return out
 
 
@@ -97,8 +117,8 @@ def model_for(arch: str, data, device) -> torch.nn.Module:
 
 def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label: str | None = None,
                    on_batch: Callable[[int], None] | None = None) -> dict:
-    """classwise_accuracy with a run's evaluation settings (args: eval_eps, eval_steps, batch_size,
-    amp), as the summary dict plus per-class accuracies. With `progress_label`, progress lines;
+    """classwise_accuracy with a run's evaluation settings (args: eval_eps, eval_steps, batch_size),
+    in fp32, as the summary dict plus per-class accuracies. With `progress_label`, progress lines;
     `on_batch(rows done)` after every batch (e.g. to stop on a signal)."""
     lines = None
     if progress_label:
@@ -112,7 +132,7 @@ def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label:
             on_batch(done)
 
     result = classwise_accuracy(model, x, y, num_classes, eps=args.eval_eps, steps=args.eval_steps,
-                                alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=AMP[args.amp],
+                                alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=None,
                                 generator=torch.Generator(device=device).manual_seed(seed), device=device,
                                 on_batch=after_batch)
     out = result.summary()
@@ -138,45 +158,99 @@ def final_test_set(data, test_subset: int | None, device) -> tuple[Tensor, Tenso
     return x.to(device), y.to(device)
 
 
+def autoattack_progress(version: str, on_batch: Callable[[int], None] | None = None, lines: bool = True):
+    """autoattack's progress factory: a start line and lines with rate and ETA per attack, and
+    `on_batch(points done)` after every batch (e.g. to stop on a signal)."""
+    from .runtime import ProgressLines
+
+    def start(name: str, points: int):
+        label = f"AutoAttack {version}: {name} on {points} robust points"
+        counter = ProgressLines(label, max(points, 1)) if lines else None
+        if lines:
+            print(label, file=sys.stderr, flush=True)
+
+        def update(done: int) -> None:
+            if counter is not None:
+                counter.update(done)
+            if on_batch is not None:
+                on_batch(done)
+        return update
+    return start
+
+
+def autoattack_summary(res, y: Tensor, num_classes: int) -> dict:
+    """final.json's aa_* entries from an AutoAttackResult: class-wise and worst-class robust and
+    boundary error, accuracy (overall and class-wise) after each attack, timing."""
+    cw = ClasswiseResult.from_points(y, res.clean_correct, res.robust, num_classes)
+    out = cw.summary(prefix="aa_", acc_name="aa_acc")
+    after = {k: ClasswiseResult.from_points(y, res.clean_correct, v, num_classes) for k, v in res.robust_after.items()}
+    out.update(classwise_clean_acc=(100 * cw.nat_acc).tolist(), classwise_aa_acc=(100 * cw.rob_acc).tolist(),
+               aa_version=res.version, aa_attacks=list(res.attacks), aa_eps=res.eps, aa_norm=res.norm,
+               aa_acc_after={k: c.summary()["pgd_acc"] for k, c in after.items()},
+               classwise_aa_acc_after={k: (100 * c.rob_acc).tolist() for k, c in after.items()},
+               aa_seconds=round(sum(res.seconds.values()), 1), aa_seconds_per_attack=res.seconds,
+               aa_test_images=int(y.shape[0]))
+    if res.rejected:
+        out["aa_rejected_outside_ball"] = res.rejected
+    return out
+
+
+def check_final_attack(final_attack: str, aa_version: str) -> None:
+    """Refuse, before any training, an AutoAttack that cannot run here."""
+    if final_attack not in FINAL_ATTACKS:
+        raise SystemExit(f"error: --final-attack must be one of {', '.join(FINAL_ATTACKS)}, got {final_attack!r}")
+    if final_attack != "pgd" and needs_torchattacks(aa_version) and (why := torchattacks_missing()):
+        raise SystemExit(f"error: {why}; or pass --aa-version fast (APGD-CE + APGD-T, not the standard AutoAttack)")
+
+
 def final_evaluation(model, data, args, device, progress: bool = False,
                      on_batch: Callable[[int], None] | None = None) -> dict:
     """The run's final.json numbers: train's last step and `python -m aaa_fast.evaluate` both call
-    this. `progress`: lines with rate and ETA (images) while it runs."""
+    this. args.final_attack: "pgd" (PGD-eval_steps), "autoattack" (args.aa_version) or "both";
+    always fp32. `progress`: lines with rate and ETA while it runs."""
+    return final_evaluation_points(model, data, args, device, progress, on_batch)[0]
+
+
+def final_evaluation_points(model, data, args, device, progress: bool = False,
+                            on_batch: Callable[[int], None] | None = None):
+    """final_evaluation, and AutoAttack's per-point result (an AutoAttackResult; None when it did
+    not run), for checks that reuse it on the same images (the masking report)."""
     test_x, test_y = final_test_set(data, args.test_subset, device)
-    label = f"PGD-{args.eval_steps} evaluation on {test_y.shape[0]} test images" if progress else None
-    result = evaluate_split(model, test_x, test_y, data.num_classes, args, device,
-                            seed=args.seed + FINAL_EVAL_SEED_OFFSET, progress_label=label, on_batch=on_batch)
-    if args.autoattack:
-        result["autoattack_acc"] = autoattack_accuracy(model, test_x, test_y, args)
-    return result
-
-
-def autoattack_accuracy(model, x, y, args) -> float | str:
-    try:
-        import torchattacks
-    except ImportError:
-        msg = "torchattacks is not installed (pip install --no-deps torchattacks); AutoAttack skipped"
-        print(f"warning: {msg}", file=sys.stderr)
-        return msg
-    model.eval()
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=args.eval_eps, n_classes=int(y.max()) + 1, seed=args.seed)
-    correct = 0
-    for s in range(0, y.shape[0], 256):
-        xb = unit_float(x[s:s + 256])
-        xa = attack(xb, y[s:s + 256])
-        correct += (predict(model, xa).argmax(1) == y[s:s + 256]).sum().item()
-    return 100 * correct / y.shape[0]
+    final_attack = getattr(args, "final_attack", "pgd")
+    seed = args.seed + FINAL_EVAL_SEED_OFFSET
+    result, res = {}, None
+    if final_attack in ("autoattack", "both"):
+        version = getattr(args, "aa_version", "standard")
+        res = autoattack(model, test_x, test_y, eps=args.eval_eps, num_classes=data.num_classes, version=version,
+                         seed=seed, batch_size=max(args.batch_size, 256), device=device,
+                         progress=autoattack_progress(version, on_batch, lines=progress))
+        result.update(autoattack_summary(res, test_y, data.num_classes))
+    if final_attack in ("pgd", "both"):  # its clean numbers (the same predictions) come first
+        label = f"PGD-{args.eval_steps} evaluation on {test_y.shape[0]} test images" if progress else None
+        result.update(evaluate_split(model, test_x, test_y, data.num_classes, args, device, seed=seed,
+                                     progress_label=label, on_batch=on_batch))
+    result.update(final_attack=final_attack, eval_dtype=EVAL_DTYPE, test_images=int(test_y.shape[0]))
+    return result, res
 
 
 def format_final(final: dict) -> str:
-    lines = [f"final ({final['method']}, {final['dataset']}, {final['arch']}; PGD-{final['eval_steps']} "
-             f"eps {final['eval_eps']:.4f}):",
-             f"{'':<10}{'natural':>10}{'boundary':>10}{'robust':>10}   (error, %)",
-             f"{'average':<10}{final['avg_nat_err']:>10.2f}{final['avg_bdy_err']:>10.2f}{final['avg_rob_err']:>10.2f}",
-             f"{'worst':<10}{final['worst_nat_err']:>10.2f}{final['worst_bdy_err']:>10.2f}{final['worst_rob_err']:>10.2f}",
-             f"clean accuracy {final['clean_acc']:.2f}%, PGD accuracy {final['pgd_acc']:.2f}%"]
-    if "autoattack_acc" in final:
-        lines.append(f"AutoAttack accuracy: {final['autoattack_acc']}")
+    """The error table of each attack final.json holds (PGD, AutoAttack), in percent."""
+    images = f", {final['test_images']} test images" if "test_images" in final else ""
+    lines = [f"final ({final['method']}, {final['dataset']}, {final['arch']}; eps {final['eval_eps']:.4f}{images}, "
+             f"{final.get('eval_dtype', 'float32')}):"]
+    for prefix, acc, name in (("", "pgd_acc", f"PGD-{final['eval_steps']}"),
+                              ("aa_", "aa_acc", f"AutoAttack {final.get('aa_version', '')}".rstrip())):
+        if acc not in final:
+            continue
+        lines += [f"{name:<24}{'natural':>10}{'boundary':>10}{'robust':>10}   (error, %)",
+                  *(f"  {row:<22}{final[f'{row}_nat_err']:>10.2f}{final[f'{prefix}{row}_bdy_err']:>10.2f}"
+                    f"{final[f'{prefix}{row}_rob_err']:>10.2f}" for row in ("avg", "worst"))]
+    accs = [f"clean accuracy {final['clean_acc']:.2f}%"]
+    if "pgd_acc" in final:
+        accs.append(f"PGD accuracy {final['pgd_acc']:.2f}%")
+    if "aa_acc" in final:
+        accs.append(f"AutoAttack accuracy {final['aa_acc']:.2f}% ({final['aa_seconds']:.0f} s)")
+    lines.append(", ".join(accs))
     return "\n".join(lines)
 
 

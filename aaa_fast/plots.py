@@ -40,7 +40,12 @@ def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namesp
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     plt.close(fig)
 
-    nat, rob = final["classwise_clean_acc"], final["classwise_pgd_acc"]
+    nat = final["classwise_clean_acc"]
+    if "classwise_pgd_acc" in final:
+        rob, attack = final["classwise_pgd_acc"], "PGD"
+    else:  # --final-attack autoattack
+        rob, attack = final["classwise_aa_acc"], "AutoAttack"
+        pgd = f"AutoAttack {final['aa_version']}, eps {args.eval_eps:.4g}"
     names = CLASS_NAMES.get(args.dataset, [str(k) for k in range(len(nat))])
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(nat)), 4.5))
     idx = list(range(len(nat)))
@@ -49,7 +54,7 @@ def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namesp
     ax.set_xticks(idx, names, rotation=45 if len(nat) <= 20 else 90, ha="right", fontsize="small")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{run}\nfinal, {test_size} test images; worst class: clean {min(nat):.1f}%, PGD {min(rob):.1f}%",
+    ax.set_title(f"{run}\nfinal, {test_size} test images; worst class: clean {min(nat):.1f}%, {attack} {min(rob):.1f}%",
                  fontsize="medium")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside the bars
     fig.tight_layout()

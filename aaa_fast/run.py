@@ -18,7 +18,8 @@ import zlib
 
 import torch
 
-from .checkpoint import CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic, save_rotating
+from .checkpoint import (CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic,
+                         save_rotating, write_json_atomic)
 from .data import DatasetError, build_scenario, load_dataset, random_crop_flip
 from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
 from .evaluation import check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final, model_for
@@ -189,7 +190,8 @@ class Run:
         # what decides the results: the settings (not where the data lives, not --epochs, which a
         # resume may raise to extend a run) and the data's content
         self.run_config = {k: v for k, v in vars(args).items()
-                           if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "cuda_graphs")}
+                           if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "cuda_graphs",
+                                        "final_attack", "aa_version")}
         self.run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
         self.run_hash = config_hash(self.run_config)
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -253,7 +255,8 @@ class Run:
         if self.ranks.is_main:
             args = self.args
             with open(os.path.join(args.out, "config.json"), "w") as f:
-                json.dump(dict(self.run_config, data_dir=args.data_dir, epochs=args.epochs, config_hash=self.run_hash,
+                json.dump(dict(self.run_config, data_dir=args.data_dir, epochs=args.epochs, final_attack=args.final_attack,
+                               aa_version=args.aa_version, config_hash=self.run_hash,
                                scenario=self.scenario.info, trainer_config=dataclasses.asdict(self.trainer.config),
                                device=str(self.device), torch=torch.__version__), f, indent=2)
 
@@ -403,12 +406,13 @@ class Run:
                      scenario=self.scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
                      diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
         if ranks.is_main:
-            with open(os.path.join(args.out, "final.json"), "w") as f:
-                json.dump(final, f, indent=2)
+            write_json_atomic(final, os.path.join(args.out, "final.json"))
             make_plots(args.out, history, final, args, test_size=self.test_y.shape[0])
             if self.board is not None:
-                for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err"):
-                    self.board.add_scalar(f"final/{key}", final[key], args.epochs)
+                for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err", "aa_acc", "aa_avg_rob_err",
+                            "aa_worst_rob_err"):
+                    if key in final:
+                        self.board.add_scalar(f"final/{key}", final[key], args.epochs)
                 self.board.close()
             print(format_final(final), flush=True)
         ranks.close()

@@ -16,8 +16,10 @@ import dataclasses
 import torch
 
 from .attack import AMP
+from .autoattack import VERSIONS
 from .cli import HelpFormatter, number_arg
 from .data import DATASETS, NOISE_KINDS
+from .evaluation import FINAL_ATTACKS, check_final_attack
 from .meta import META_INITS
 from .models import ARCHS
 from .objective import OBJECTIVES
@@ -118,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=number_arg(int, 1), default=None,
                    help="final evaluation on this many test images, class-balanced and the same for every "
                         "seed; default the whole test set")
-    g.add_argument("--autoattack", action="store_true", help="also run torchattacks' AutoAttack at the end")
+    g.add_argument("--final-attack", default="pgd", choices=FINAL_ATTACKS,
+                   help="the final evaluation's attack: PGD (--eval-steps), AutoAttack (--aa-version), or both; "
+                        "every evaluation, final and per epoch, runs in fp32 whatever --amp trained in")
+    g.add_argument("--aa-version", default="standard", choices=sorted(VERSIONS),
+                   help="standard: APGD-CE, APGD-T (9 targets), FAB-T, Square (5,000 queries), each on the "
+                        "points still robust; fast: APGD-CE + APGD-T only, not the standard")
+    g.add_argument("--autoattack", action="store_true", help="the same as --final-attack both")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/latest", help="run directory (one run at a time owns it)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -144,6 +152,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.method == "aaa-oracle" and (args.label_noise == "none" or args.noise_rate == 0):
         raise SystemExit("error: --method aaa-oracle sends the rows whose labels were corrupted to the anti "
                          "term: it needs --label-noise and --noise-rate > 0")
+    if args.autoattack:
+        args.final_attack = "both"
+    check_final_attack(args.final_attack, args.aa_version)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -204,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                         os.remove(os.path.join(out, name))
             with open(os.path.join(out, "final.json")) as f:
                 final = json.load(f)
-            print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: clean {final['clean_acc']:.1f}% "
-                  f"PGD {final['pgd_acc']:.1f}% worst-class robust error {final['worst_rob_err']:.1f}% "
+            robust = (f"PGD {final['pgd_acc']:.1f}% worst-class robust error {final['worst_rob_err']:.1f}%"
+                      if "pgd_acc" in final else
+                      f"AutoAttack {final['aa_acc']:.1f}% worst-class robust error {final['aa_worst_rob_err']:.1f}%")
+            print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: clean {final['clean_acc']:.1f}% {robust} "
                   f"({seconds:.0f}s)", flush=True)
         if interrupted:  # the signal reached the run too late to stop it (it finished or failed): stop now
             print("interrupted after this run; rerun to continue", flush=True)

@@ -213,6 +213,112 @@ def markdown(grid: dict, runs: dict, agg: dict) -> dict[str, str]:
     return {"": "\n".join(out).rstrip() + "\n", ":headline": "\n".join(head).rstrip() + "\n"}
 
 
+def collect_evaluations(grid: dict) -> dict:
+    """{(scenario, method): [the evaluation JSON (experiments/evaluate_grid.py) of each evaluated
+    seed, with its masking report under 'masking' where one was written]}"""
+    name = grid["evaluation"]["name"]
+    evals = {}
+    for scenario in grid["scenarios"]:
+        for method in grid["methods"]:
+            if not runs_in(grid, scenario, method):
+                continue
+            found = []
+            for seed in grid["seeds"]:
+                out = run_dir(grid, scenario, method, seed)
+                if os.path.exists(os.path.join(out, f"{name}.json")):
+                    with open(os.path.join(out, f"{name}.json")) as f:
+                        found.append(json.load(f))
+                    if os.path.exists(os.path.join(out, "masking_report.json")):
+                        with open(os.path.join(out, "masking_report.json")) as f:
+                            found[-1]["masking"] = json.load(f)
+            if found:
+                evals[scenario, method] = found
+    return evals
+
+
+def errors_of(classwise_acc: list[float]) -> tuple[float, float]:
+    """(average, worst-class) error in % from class-wise accuracies in %."""
+    return 100 - sum(classwise_acc) / len(classwise_acc), 100 - min(classwise_acc)
+
+
+def attack_errors(ev: dict) -> dict[str, tuple[float, float]]:
+    """(average, worst-class) robust error under PGD, the fast AutoAttack (APGD-CE + APGD-T: after
+    the standard run's second attack when the standard ran) and the standard one where it ran."""
+    out = {"pgd": (ev["avg_rob_err"], ev["worst_rob_err"]),
+           "fast": errors_of(ev["classwise_aa_acc_after"]["apgd-t"])}
+    if ev["aa_version"] == "standard":
+        out["standard"] = (ev["aa_avg_rob_err"], ev["aa_worst_rob_err"])
+    return out
+
+
+def mean_of(evs: list[dict], key: str, i: int) -> float | None:
+    values = [attack_errors(e)[key][i] for e in evs if key in attack_errors(e)]
+    return sum(values) / len(values) if values else None
+
+
+def attacks_table(grid: dict, evals: dict) -> list[str]:
+    """PGD vs AutoAttack per scenario and method, and the gap (AutoAttack minus PGD)."""
+    rows = ["| scenario | method | seeds | clean acc | PGD avg | AA avg | gap | PGD worst | AA worst | gap | "
+            "AA standard avg / worst |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (sc, m), evs in evals.items():
+        clean = sum(e["clean_acc"] for e in evs) / len(evs)
+        pa, fa, pw, fw = (mean_of(evs, k, i) for k, i in (("pgd", 0), ("fast", 0), ("pgd", 1), ("fast", 1)))
+        sa, sw = mean_of(evs, "standard", 0), mean_of(evs, "standard", 1)
+        std = f"{sa:.1f} / {sw:.1f}" if sa is not None else ""
+        rows.append(f"| {sc} | {m} | {len(evs)} | {clean:.1f} | {pa:.1f} | {fa:.1f} | {fa - pa:+.1f} | {pw:.1f} | "
+                    f"{fw:.1f} | {fw - pw:+.1f} | {std} |")
+    return rows
+
+
+def ranking_table(grid: dict, evals: dict) -> list[str]:
+    """Best AAA variant minus best baseline (each picked per cell) under PGD and under AutoAttack."""
+    role = roles(grid)
+    rows = ["| scenario | attack | avg rob err | worst rob err |", "|---|---|---|---|"]
+    for sc in grid["scenarios"]:
+        for key, name in (("pgd", "PGD-20"), ("fast", "AutoAttack (APGD-CE + APGD-T)")):
+            cells = []
+            for i in (0, 1):
+                best = [min((v for m in group if (sc, m) in evals and (v := mean_of(evals[sc, m], key, i)) is not None),
+                            default=None) for group in (role["versus"], role["baselines"])]
+                cells.append("" if None in best else f"{best[0] - best[1]:+.1f}")
+            if any(cells):
+                rows.append(f"| {sc} | {name} | {cells[0]} | {cells[1]} |")
+    return rows
+
+
+def masking_lines(evals: dict) -> list[str]:
+    out = []
+    for (sc, m), evs in evals.items():
+        for ev in evs:
+            rep = ev.get("masking")
+            if rep is None:
+                continue
+            fired = [k for k, f in rep["flags"].items() if f["fired"]]
+            accs = ", ".join(f"{k} {v:.1f}%" for k, v in rep["accuracy"].items())
+            sweep = ", ".join(f"{p['eps']:.3g}: {p['apgd_ce_acc']:.1f}%" for p in rep["eps_sweep"])
+            out.append(f"- {sc} / {m} ({rep['test_images']} images, eps {rep['eps']:.3g}): "
+                       + (f"**masking suspected** ({', '.join(fired)})" if fired else "no sign of gradient masking")
+                       + f". Accuracy: {accs}. APGD-CE against eps: {sweep}.")
+    return out
+
+
+def evaluation_markdown(grid: dict, evals: dict) -> str:
+    spec = grid["evaluation"]
+    seeds = sorted({len(v) for v in evals.values()})
+    out = [f"Robust error in % under PGD-{evals and next(iter(evals.values()))[0]['eval_steps']} and AutoAttack "
+           f"(fp32, the same class-balanced {spec['test_subset']} test images for every run; AA avg/worst: "
+           "APGD-CE + APGD-T, the standard version's first two attacks; AA standard: all four, where run); "
+           f"{sum(len(v) for v in evals.values())} runs evaluated, {'/'.join(map(str, seeds))} seed(s) per cell; "
+           "gap = AutoAttack minus PGD (positive: PGD overstated robustness):", "",
+           *attacks_table(grid, evals), "",
+           "**Best AAA variant minus best baseline** under each attack (negative favours AAA):", "",
+           *ranking_table(grid, evals), ""]
+    masking = masking_lines(evals)
+    if masking:
+        out += ["**Gradient-masking checks**:", "", *masking, ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def write_between_markers(path: str, tag: str, sections: dict[str, str]) -> None:
     """Replace the text between `<!-- grid:<tag><suffix> begin/end -->` for every section whose
     markers the document has; at least one must be there."""
@@ -334,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: no finished runs under {grid['out']}")
     tag = os.path.basename(os.path.normpath(grid["out"]))
     text = markdown(grid, runs, agg)
+    if isinstance(grid.get("evaluation"), dict) and (evals := collect_evaluations(grid)):
+        text[":attacks"] = evaluation_markdown(grid, evals)
+        text[""] = text[":attacks"] + "\n" + text[""]
     write_summary_csv(os.path.join(grid["out"], "summary.csv"), agg)
     for path in args.markdown:
         write_between_markers(path, tag, text)

@@ -4,7 +4,7 @@
 # in order of value, measure the public op's overhead against the bare kernels, run the tests that
 # put tensors on CUDA, and time a training step. Each step's timeout is cut to the time left.
 # Everything goes to $OUT (or runs/gpu_check): versions.txt, build.log, bench_ops.txt, tests.log,
-# bench_train_step_*.txt.
+# bench_train_step_*.txt, bench_autoattack.txt.
 #   GPU_CHECK_SECONDS=300 bash scripts/gpu_check.sh     # with the device tool: run(command=...)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,3 +46,6 @@ for arch in preact-resnet18 wrn28-10; do
         --repeats 2
     tail -12 "$out/bench_train_step_$arch.txt"
 done
+# standard AutoAttack against torchattacks' APGD/APGDT/FAB/Square on study v3's TRADES model (issue 23)
+run bench_autoattack.txt 120 "$python" benchmarks/bench_autoattack.py --device cuda --images 1000
+tail -6 "$out/bench_autoattack.txt"

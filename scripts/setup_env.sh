@@ -1,5 +1,6 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: a ready virtual environment in .venv with
-# torch, the test tools and aaa_fast built from this checkout. Safe to run again.
+# torch, the test tools and aaa_fast built from this checkout, and Fashion-MNIST (the demo's data,
+# and the real data of the attack-strength tests). Safe to run again.
 #   TORCH_SPEC   what to install torch as (default torch==2.13.0, the local CPU build here;
 #                on a CUDA machine install your CUDA torch first and set TORCH_SPEC=torch)
 set -euo pipefail
@@ -23,3 +24,13 @@ if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -print -quit)" ]; the
     python -m pip install -q --disable-pip-version-check --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
 fi
 python -c "import aaa_fast._C" || { echo "setup: the native extension failed to build" >&2; exit 1; }
+fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$fmnist" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: Fashion-MNIST is missing; installing Debian's system package dataset-fashion-mnist (~30 MB) with apt-get"
+        { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 ||
+            echo "setup: could not install dataset-fashion-mnist; the tests on real data are skipped" >&2
+    else
+        echo "setup: Fashion-MNIST not found; install Debian's dataset-fashion-mnist (the tests on real data are skipped)" >&2
+    fi
+fi

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from helpers import ENV, QUICK
 
@@ -188,3 +189,71 @@ def test_tensorboard_logs_match_metrics_csv(tmp_path, data_dir):
         assert logged == [(int(r["epoch"]), pytest.approx(float(r[key]), rel=1e-6)) for r in rows], key
     final = json.loads((out / "final.json").read_text())
     assert events.Scalars("final/pgd_acc")[0].value == pytest.approx(final["pgd_acc"], rel=1e-6)
+
+
+def test_final_autoattack_runs_in_fp32_after_bf16_training(tmp_path, data_dir):
+    """--amp bf16 trains in bf16, but the final PGD and AutoAttack run in fp32: recomputed here in
+    fp32 from the checkpoint (same images, same seeds), they give final.json's numbers exactly;
+    `evaluate --autoattack fast` reproduces them; class-wise AutoAttack has every class."""
+    from aaa_fast.autoattack import autoattack
+    from aaa_fast.checkpoint import load_checkpoint
+    from aaa_fast.data import load_dataset
+    from aaa_fast.evaluation import FINAL_EVAL_SEED_OFFSET, classwise_accuracy, final_test_set, model_for
+
+    out = str(tmp_path / "r")
+    run_cli([*QUICK, "--epochs", "1", "--data-dir", data_dir, "--method", "trades", "--amp", "bf16", "--out", out,
+             "--final-attack", "both", "--aa-version", "fast", "--test-subset", "30"])
+    final = json.loads(open(os.path.join(out, "final.json")).read())
+    assert final["eval_dtype"] == "float32" and final["final_attack"] == "both" and final["test_images"] == 30
+    assert final["aa_version"] == "fast" and final["aa_attacks"] == ["apgd-ce", "apgd-t"]
+    assert len(final["classwise_aa_acc"]) == 10 and final["aa_acc"] <= final["pgd_acc"] + 1e-9
+
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    data = load_dataset("fashion-mnist", data_dir, download_missing=False)
+    model = model_for("small-cnn", data, torch.device("cpu"))
+    model.load_state_dict(load_checkpoint(os.path.join(out, "checkpoint.pt"))["trainer"]["model"])
+    model.eval()
+    x, y = final_test_set(data, 30, torch.device("cpu"))
+    seed = config["seed"] + FINAL_EVAL_SEED_OFFSET
+    pgd = classwise_accuracy(model, x, y, 10, eps=config["eval_eps"], steps=config["eval_steps"],
+                             alpha=config["eval_eps"] / 4, amp_dtype=None, generator=torch.Generator().manual_seed(seed))
+    assert pgd.summary()["pgd_acc"] == pytest.approx(final["pgd_acc"])
+    aa = autoattack(model, x, y, eps=config["eval_eps"], num_classes=10, version="fast", seed=seed, batch_size=256)
+    assert aa.accuracy == pytest.approx(final["aa_acc"])
+
+    ev = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                         "--autoattack", "fast", "--json", os.path.join(out, "eval.json")], capture_output=True,
+                        text=True, env=ENV, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    again = json.loads(open(os.path.join(out, "eval.json")).read())
+    for key in ("aa_acc", "classwise_aa_acc", "aa_worst_rob_err", "pgd_acc"):
+        assert again[key] == final[key], key
+    assert "AutoAttack fast: apgd-t" in ev.stderr  # progress per attack
+    refused = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint",
+                              os.path.join(out, "checkpoint.pt"), "--json", os.path.join(out, "eval.json")],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    assert refused.returncode == 2 and "never overwritten" in refused.stderr
+
+
+def test_autoattack_alone_standard_and_the_masking_report(tmp_path, data_dir):
+    """--final-attack autoattack: AutoAttack instead of PGD (plots follow); `evaluate --autoattack`
+    alone means the standard version (4 attacks); --masking-report writes its JSON and plot once."""
+    out = str(tmp_path / "r")
+    run_cli([*QUICK, "--epochs", "1", "--data-dir", data_dir, "--method", "erm", "--out", out,
+             "--final-attack", "autoattack", "--aa-version", "fast", "--test-subset", "20"])
+    final = json.loads(open(os.path.join(out, "final.json")).read())
+    assert "pgd_acc" not in final and "aa_acc" in final and os.path.exists(os.path.join(out, "classwise.png"))
+    ev = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                         "--test-subset", "10", "--autoattack", "--masking-report", "--json",
+                         os.path.join(out, "std.json")], capture_output=True, text=True, env=ENV, timeout=900)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    std = json.loads(open(os.path.join(out, "std.json")).read())
+    assert std["aa_version"] == "standard" and std["aa_attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    report = json.loads(open(os.path.join(out, "masking_report.json")).read())
+    assert report["accuracy"]["AutoAttack standard"] == pytest.approx(std["aa_acc"])  # run once, reused
+    assert set(report["flags"]) == {"black_box_beats_white_box", "more_steps_do_not_help", "not_zero_at_large_eps",
+                                    "zero_gradients", "randomized_forward"}
+    assert os.path.exists(os.path.join(out, "masking_report.png")) and "masking report:" in ev.stdout
+    again = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                            "--masking-report"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 2 and "never overwritten" in again.stderr

@@ -82,6 +82,18 @@ def test_grid_keeps_final_weights_that_reproduce_the_run(tmp_path, data_dir):
     final, again = (json.loads(open(p).read()) for p in (run / "final.json", tmp_path / "eval.json"))
     assert (again["clean_acc"], again["pgd_acc"]) == (final["clean_acc"], final["pgd_acc"])
 
+    # experiments/evaluate_grid.py: the config's evaluation of every run from its model.pt, once
+    cfg["evaluation"] = {"name": "eval_x", "test_subset": 50, "autoattack": "fast", "standard": []}
+    open(config, "w").write(json.dumps(cfg))
+    script = [sys.executable, os.path.join(ROOT, "experiments", "evaluate_grid.py"), config]
+    first = subprocess.run(script, capture_output=True, text=True, env=ENV, timeout=600)
+    assert first.returncode == 0 and "flip ERM seed 0: done" in first.stdout, first.stdout + first.stderr
+    ev = json.loads((run / "eval_x.json").read_text())
+    assert ev["aa_version"] == "fast" and ev["eval_dtype"] == "float32" and ev["test_images"] == 50
+    assert ev["pgd_acc"] == final["pgd_acc"]  # the run's own test subset and seeds
+    again = subprocess.run(script, capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0 and "done" not in again.stdout  # evaluated already: skipped
+
 
 def wait_for(path, proc, seconds=300):
     deadline = time.time() + seconds
@@ -367,3 +379,41 @@ def test_committed_grid_configs_give_valid_training_commands(config):
             spec = grid_mod.method_spec(grid, method)
             assert args.method == spec["args"][spec["args"].index("--method") + 1]
             assert args.out.endswith(f"{method}/seed{grid['seeds'][0]}")
+
+
+def test_report_puts_pgd_and_autoattack_side_by_side(finished_grid, tmp_path):
+    """An "evaluation" section: per run PGD vs AutoAttack (fast: after APGD-T; standard where it
+    ran) with the gap, the best-minus-best ranking under each attack, the masking verdict;
+    every number hand-computed from hand-built evaluation files."""
+    cfg = grid_mod.load_grid(finished_grid)
+    cfg.update(seeds=[0], evaluation={"name": "ev", "test_subset": 1000, "autoattack": "fast",
+                                      "standard": [["clean", "TRADES"]]},
+               report={"aaa": ["AAA-meta"], "versus": ["AAA-meta"], "baselines": ["TRADES", "FRL"]})
+    (tmp_path / "toy.json").write_text(json.dumps(cfg))
+
+    def ev(avg_pgd, worst_pgd, fast_classwise, std=None):
+        out = {"clean_acc": 80.0, "eval_steps": 20, "avg_rob_err": avg_pgd, "worst_rob_err": worst_pgd,
+               "aa_version": "standard" if std else "fast", "classwise_aa_acc_after": {"apgd-t": fast_classwise}}
+        if std:
+            out.update(aa_avg_rob_err=std[0], aa_worst_rob_err=std[1])
+        return out
+
+    base = tmp_path / "res" / "toy" / "clean"
+    (base / "TRADES" / "seed0" / "ev.json").write_text(json.dumps(ev(40.0, 60.0, [70.0] * 9 + [30.0], (47.0, 72.0))))
+    (base / "FRL" / "seed0" / "ev.json").write_text(json.dumps(ev(42.0, 55.0, [60.0] * 10)))
+    (base / "AAA-meta" / "seed0" / "ev.json").write_text(json.dumps(ev(39.0, 58.0, [65.0] * 9 + [20.0])))
+    (base / "TRADES" / "seed0" / "masking_report.json").write_text(json.dumps(
+        {"test_images": 1000, "eps": 0.05, "accuracy": {"clean": 80.0, "Square (black-box)": 70.0},
+         "eps_sweep": [{"eps": 1.0, "apgd_ce_acc": 0.0}], "flags": {"zero_gradients": {"fired": False}}}))
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("<!-- grid:toy:attacks begin -->\n<!-- grid:toy:attacks end -->\n")
+    report.main([str(tmp_path / "toy.json"), "--markdown", str(doc)])
+    lines = doc.read_text().splitlines()
+    # TRADES: fast avg = 100 - mean(9 x 70, 30) = 34.0, worst 70.0; gaps -6.0 / +10.0; standard 47 / 72
+    assert "| clean | TRADES | 1 | 80.0 | 40.0 | 34.0 | -6.0 | 60.0 | 70.0 | +10.0 | 47.0 / 72.0 |" in lines
+    assert "| clean | FRL | 1 | 80.0 | 42.0 | 40.0 | -2.0 | 55.0 | 40.0 | -15.0 |  |" in lines
+    # best AAA minus best baseline: PGD avg 39 - 40 = -1.0, worst 58 - 55 = +3.0; AutoAttack avg
+    # (100 - 60.5 = 39.5) - 34.0 = +5.5, worst 80 - 40 = +40.0
+    assert "| clean | PGD-20 | -1.0 | +3.0 |" in lines
+    assert "| clean | AutoAttack (APGD-CE + APGD-T) | +5.5 | +40.0 |" in lines
+    assert any(line.startswith("- clean / TRADES (1000 images, eps 0.05): no sign of gradient masking") for line in lines)
