@@ -67,10 +67,11 @@ def save_atomic(obj: dict, path: str) -> None:
 
 def write_json_atomic(obj, path: str) -> None:
     """JSON to a temporary file in the same directory, fsynced, then renamed over `path`: a full
-    disk or a crash leaves the old file (or none), never a truncated one. An OSError names the file."""
+    disk or a crash leaves the old file (or none), never a truncated one. An OSError names `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.flush()
@@ -79,7 +80,7 @@ def write_json_atomic(obj, path: str) -> None:
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

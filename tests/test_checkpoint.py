@@ -1,4 +1,5 @@
 """Atomic, rotating checkpoints: round trip, fallback to the previous file, damage detection."""
+import json
 import os
 
 import pytest
@@ -33,3 +34,16 @@ def test_checkpoint_round_trip_rotation_and_damage(tmp_path):
     assert load_newest(str(tmp_path / "none.pt")) is None
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path):
+    from aaa_fast.checkpoint import write_json_atomic
+
+    path = tmp_path / "final.json"
+    write_json_atomic({"a": 1}, str(path))
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        write_json_atomic({"a": object()}, str(path))  # fails half-way through the dump
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["final.json"]  # no temp left
+    with pytest.raises(OSError, match="cannot write .*missing.final.json"):
+        write_json_atomic({"a": 1}, str(tmp_path / "missing" / "final.json"))
