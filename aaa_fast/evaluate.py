@@ -19,7 +19,7 @@ from .autoattack import VERSIONS
 from .checkpoint import CheckpointError, load_checkpoint, write_json_atomic
 from .cli import HelpFormatter, number_arg, refuse_existing_output
 from .data import DatasetError, load_dataset
-from .evaluation import (check_final_attack, check_test_subset, final_evaluation_points, final_test_set, format_final,
+from .evaluation import (EvalConfig, check_final_attack, check_test_subset, final_evaluation_points, final_test_set, format_final,
                          model_for)
 from .runtime import run_cli
 
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     model.eval()
     print(f"evaluating {args.checkpoint} (epoch {state.get('epoch')}) on "
           f"{run.test_subset or data.test_y.shape[0]} test images, fp32", file=sys.stderr, flush=True)
-    result, aa = final_evaluation_points(model, data, run, device, progress=True)
+    result, aa = final_evaluation_points(model, data, EvalConfig.of_run(run), device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
                   eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
                   epoch=state.get("epoch"))

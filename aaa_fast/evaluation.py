@@ -27,6 +27,29 @@ EVAL_DTYPE = "float32"  # of every evaluation (final and per epoch), recorded in
 FINAL_ATTACKS = ("pgd", "autoattack", "both")
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation does, apart from the model and the data: the budget, PGD's steps
+    (step eps/4), rows per batch, the class-balanced test subset (None: the whole test set), the
+    seed of the random starts, the final attack ("pgd", "autoattack", "both") and AutoAttack's
+    version. Always fp32."""
+    eps: float
+    pgd_steps: int = 20
+    batch_size: int = 256
+    test_subset: int | None = None
+    seed: int = 0
+    final_attack: str = "pgd"
+    aa_version: str = "standard"
+
+    @classmethod
+    def of_run(cls, run) -> "EvalConfig":
+        """A run's evaluation settings from its flags (or its config.json read as a namespace):
+        the final evaluation's seed is the run's + FINAL_EVAL_SEED_OFFSET."""
+        return cls(eps=run.eval_eps, pgd_steps=run.eval_steps, batch_size=max(run.batch_size, 256),
+                   test_subset=run.test_subset, seed=run.seed + FINAL_EVAL_SEED_OFFSET,
+                   final_attack=getattr(run, "final_attack", "pgd"), aa_version=getattr(run, "aa_version", "standard"))
+
+
 @dataclass
 class ClasswiseResult:
     nat_acc: Tensor  # (C,) clean accuracy per class
@@ -115,10 +138,10 @@ def model_for(arch: str, data, device) -> torch.nn.Module:
                        std=std).to(device)
 
 
-def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label: str | None = None,
+def evaluate_split(model, x, y, num_classes, cfg: EvalConfig, device, seed: int, progress_label: str | None = None,
                    on_batch: Callable[[int], None] | None = None) -> dict:
-    """classwise_accuracy with a run's evaluation settings (args: eval_eps, eval_steps, batch_size),
-    in fp32, as the summary dict plus per-class accuracies. With `progress_label`, progress lines;
+    """classwise_accuracy with PGD-cfg.pgd_steps at cfg.eps, in fp32, random starts from `seed`,
+    as the summary dict plus per-class accuracies. With `progress_label`, progress lines;
     `on_batch(rows done)` after every batch (e.g. to stop on a signal)."""
     lines = None
     if progress_label:
@@ -131,8 +154,8 @@ def evaluate_split(model, x, y, num_classes, args, device, seed, progress_label:
         if on_batch is not None:
             on_batch(done)
 
-    result = classwise_accuracy(model, x, y, num_classes, eps=args.eval_eps, steps=args.eval_steps,
-                                alpha=args.eval_eps / 4, batch_size=max(args.batch_size, 256), amp_dtype=None,
+    result = classwise_accuracy(model, x, y, num_classes, eps=cfg.eps, steps=cfg.pgd_steps, alpha=cfg.eps / 4,
+                                batch_size=cfg.batch_size, amp_dtype=None,
                                 generator=torch.Generator(device=device).manual_seed(seed), device=device,
                                 on_batch=after_batch)
     out = result.summary()
@@ -203,33 +226,30 @@ def check_final_attack(final_attack: str, aa_version: str) -> None:
         raise SystemExit(f"error: {why}; or pass --aa-version fast (APGD-CE + APGD-T, not the standard AutoAttack)")
 
 
-def final_evaluation(model, data, args, device, progress: bool = False,
+def final_evaluation(model, data, cfg: EvalConfig, device, progress: bool = False,
                      on_batch: Callable[[int], None] | None = None) -> dict:
     """The run's final.json numbers: train's last step and `python -m aaa_fast.evaluate` both call
-    this. args.final_attack: "pgd" (PGD-eval_steps), "autoattack" (args.aa_version) or "both";
+    this. cfg.final_attack: "pgd" (PGD-cfg.pgd_steps), "autoattack" (cfg.aa_version) or "both";
     always fp32. `progress`: lines with rate and ETA while it runs."""
-    return final_evaluation_points(model, data, args, device, progress, on_batch)[0]
+    return final_evaluation_points(model, data, cfg, device, progress, on_batch)[0]
 
 
-def final_evaluation_points(model, data, args, device, progress: bool = False,
+def final_evaluation_points(model, data, cfg: EvalConfig, device, progress: bool = False,
                             on_batch: Callable[[int], None] | None = None):
     """final_evaluation, and AutoAttack's per-point result (an AutoAttackResult; None when it did
     not run), for checks that reuse it on the same images (the masking report)."""
-    test_x, test_y = final_test_set(data, args.test_subset, device)
-    final_attack = getattr(args, "final_attack", "pgd")
-    seed = args.seed + FINAL_EVAL_SEED_OFFSET
+    test_x, test_y = final_test_set(data, cfg.test_subset, device)
     result, res = {}, None
-    if final_attack in ("autoattack", "both"):
-        version = getattr(args, "aa_version", "standard")
-        res = autoattack(model, test_x, test_y, eps=args.eval_eps, num_classes=data.num_classes, version=version,
-                         seed=seed, batch_size=max(args.batch_size, 256), device=device,
-                         progress=autoattack_progress(version, on_batch, lines=progress))
+    if cfg.final_attack in ("autoattack", "both"):
+        res = autoattack(model, test_x, test_y, eps=cfg.eps, num_classes=data.num_classes, version=cfg.aa_version,
+                         seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                         progress=autoattack_progress(cfg.aa_version, on_batch, lines=progress))
         result.update(autoattack_summary(res, test_y, data.num_classes))
-    if final_attack in ("pgd", "both"):  # its clean numbers (the same predictions) come first
-        label = f"PGD-{args.eval_steps} evaluation on {test_y.shape[0]} test images" if progress else None
-        result.update(evaluate_split(model, test_x, test_y, data.num_classes, args, device, seed=seed,
+    if cfg.final_attack in ("pgd", "both"):  # its clean numbers (the same predictions) come first
+        label = f"PGD-{cfg.pgd_steps} evaluation on {test_y.shape[0]} test images" if progress else None
+        result.update(evaluate_split(model, test_x, test_y, data.num_classes, cfg, device, seed=cfg.seed,
                                      progress_label=label, on_batch=on_batch))
-    result.update(final_attack=final_attack, eval_dtype=EVAL_DTYPE, test_images=int(test_y.shape[0]))
+    result.update(final_attack=cfg.final_attack, eval_dtype=EVAL_DTYPE, test_images=int(test_y.shape[0]))
     return result, res
 
 

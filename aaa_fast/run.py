@@ -22,7 +22,8 @@ from .checkpoint import (CheckpointError, config_hash, load_checkpoint, load_new
                          save_rotating, write_json_atomic)
 from .data import DatasetError, build_scenario, load_dataset, random_crop_flip
 from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
-from .evaluation import check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final, model_for
+from .evaluation import (EvalConfig, check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final,
+                         model_for)
 from .plots import make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
 from .trainer import AAA_METHODS, STEP_STATS, AAAConfig, AAATrainer, make_meta_net, make_meta_optimizer
@@ -360,8 +361,8 @@ class Run:
         follows the best PGD accuracy."""
         args, model = self.args, self.trainer.model
         sub = torch.arange(min(args.eval_subset, self.test_y.shape[0]), device=self.device)
-        ev = evaluate_split(model, self.test_x[sub], self.test_y[sub], self.data.num_classes, args, self.device,
-                            seed=args.seed + EPOCH_EVAL_SEED_OFFSET + epoch)
+        ev = evaluate_split(model, self.test_x[sub], self.test_y[sub], self.data.num_classes, EvalConfig.of_run(args),
+                            self.device, seed=args.seed + EPOCH_EVAL_SEED_OFFSET + epoch)
         row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
         if self.ranks.is_main and (self.best is None or ev["pgd_acc"] > self.best["test_pgd_acc"]):
             self.best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
@@ -399,7 +400,7 @@ class Run:
                 self.stop(f"stopped during the final evaluation; training is complete in {self.ckpt_path}; "
                           "--resume redoes the evaluation")
 
-        final = final_evaluation(self.trainer.model, self.data, args, self.device,
+        final = final_evaluation(self.trainer.model, self.data, EvalConfig.of_run(args), self.device,
                                  progress=ranks.is_main and not self.use_bar, on_batch=stop_during_evaluation)
         history = self.history
         final.update(epochs=args.epochs, method=args.method, dataset=args.dataset, arch=args.arch,
