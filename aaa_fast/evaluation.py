@@ -224,6 +224,9 @@ def check_final_attack(final_attack: str, aa_version: str) -> None:
         raise SystemExit(f"error: --final-attack must be one of {', '.join(FINAL_ATTACKS)}, got {final_attack!r}")
     if final_attack != "pgd" and needs_torchattacks(aa_version) and (why := torchattacks_missing()):
         raise SystemExit(f"error: {why}; or pass --aa-version fast (APGD-CE + APGD-T, not the standard AutoAttack)")
+    if final_attack != "pgd" and aa_version == "fast":
+        print("warning: AutoAttack fast is APGD-CE + APGD-T only, not the standard AutoAttack: report its figures "
+              "under that name", file=sys.stderr)
 
 
 def final_evaluation(model, data, cfg: EvalConfig, device, progress: bool = False,

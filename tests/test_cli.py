@@ -228,7 +228,7 @@ def test_final_autoattack_runs_in_fp32_after_bf16_training(tmp_path, data_dir):
     again = json.loads(open(os.path.join(out, "eval.json")).read())
     for key in ("aa_acc", "classwise_aa_acc", "aa_worst_rob_err", "pgd_acc"):
         assert again[key] == final[key], key
-    assert "AutoAttack fast: apgd-t" in ev.stderr  # progress per attack
+    assert "AutoAttack fast: apgd-t" in ev.stderr and "not the standard AutoAttack" in ev.stderr  # progress, warning
     refused = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint",
                               os.path.join(out, "checkpoint.pt"), "--json", os.path.join(out, "eval.json")],
                              capture_output=True, text=True, env=ENV, timeout=300)
