@@ -218,11 +218,11 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "lin
         raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
-    x = x.detach().float()
+    x, y = x.detach().float(), y.long()
     robust = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     x_adv = x.clone()
     done = 0
-    # the correctly classified rows, in chunks of batch_size points
+    # only the correctly classified rows are attacked
     for s, e in _rows_in_chunks(x.shape[0], batch_size):
         logits = predict(model, x[s:e], amp_dtype)
         robust[s:e] = logits.argmax(1) == y[s:e]
@@ -246,6 +246,7 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "lin
         raise ValueError(f"APGD-T's DLR loss needs at least 4 classes, the model has {num_classes}")
     n_targets = min(n_targets, num_classes - 1)
     if not stack_targets:
+        total = idx.numel()
         for k in range(n_targets):
             idx = robust.nonzero().squeeze(1)
             for s, e in _rows_in_chunks(idx.numel(), batch_size):
@@ -257,7 +258,7 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "lin
                 robust[rows[fooled]] = False
                 x_adv[rows[fooled]] = xa[fooled]
             if on_rows is not None:
-                on_rows(int(idx.numel() * (k + 1) / n_targets))
+                on_rows(total * (k + 1) // n_targets)
         return robust, x_adv
     points_per_chunk = max(1, batch_size // n_targets)
     for s, e in _rows_in_chunks(idx.numel(), points_per_chunk):
