@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default=None, help="where the masking report goes; default: the checkpoint's directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="where to evaluate")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="evaluate although the data's content differs from the run's (recorded as other_data)")
     p.add_argument("--json", default=None, help="also write the results to this file (a new file)")
     return p
 
@@ -66,6 +68,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: cannot read the run's settings from {config_path}: {exc}") from None
     except (CheckpointError, DatasetError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    recorded = getattr(run, "data_fingerprint", None)
+    other_data = recorded is not None and data.fingerprint() != recorded
+    if other_data and not args.allow_other_data:
+        raise SystemExit(f"error: the data under {run.data_dir or 'the default data directory'} is not the data the "
+                         f"run was trained and tested on (its content digest differs from {config_path}'s); "
+                         "pass --allow-other-data to evaluate on it anyway")
     for name in ("eval_eps", "eval_steps", "test_subset"):
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
@@ -83,7 +91,7 @@ def main(argv=None) -> None:
     result, aa = final_evaluation_points(model, data, EvalConfig.of_run(run), device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
                   eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
-                  epoch=state.get("epoch"))
+                  epoch=state.get("epoch"), other_data=other_data)
     print(format_final(result))
     if args.json:
         write_json_atomic(result, args.json)

@@ -196,6 +196,7 @@ class Run:
         self.run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
         self.run_hash = config_hash(self.run_config)
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
+        self.finished_before = False
         state = self.load_state()
 
         torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
@@ -228,15 +229,28 @@ class Run:
         """The checkpoint --resume continues from (None: nothing written yet), or a refusal that
         names the settings that differ; without --resume, a refusal to overwrite a run."""
         args, ranks = self.args, self.ranks
+        has_final = os.path.exists(os.path.join(args.out, "final.json"))
         if args.resume:
             try:
                 state = load_newest(self.ckpt_path, expected_hash=self.run_hash)
             except CheckpointError as exc:
                 raise SystemExit(f"error: cannot resume: {exc}{settings_diff(args.out, self.run_config, vars(args))}") from None
+            if state is None and has_final:  # finished, its checkpoints removed (the grid runner does)
+                raise SystemExit(f"error: {args.out} holds a finished run (final.json) without its checkpoints: it "
+                                 "cannot be resumed or extended, and its results are kept; choose another --out")
+            if state is not None and state["epoch"] > args.epochs:
+                raise SystemExit(f"error: the run in {args.out} has trained {state['epoch']} epochs; --epochs "
+                                 f"{args.epochs} cannot shorten it: pass --epochs {state['epoch']} or more, or "
+                                 "re-evaluate it with python -m aaa_fast.evaluate")
+            self.finished_before = (state is not None and has_final and state["epoch"] == args.epochs
+                                    and state.get("position") is None)
             if ranks.is_main:
                 print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
                       f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
             return state
+        if ranks.is_main and has_final:
+            raise SystemExit(f"error: {args.out} holds a finished run (final.json); its results are never "
+                             "overwritten: choose another --out")
         if ranks.is_main and (os.path.exists(self.ckpt_path) or os.path.exists(previous_path(self.ckpt_path))):
             raise SystemExit(f"error: {self.ckpt_path} exists; pass --resume to continue that run or choose another --out")
         return None
@@ -425,6 +439,13 @@ class Run:
 def train(args: argparse.Namespace) -> dict:
     """One run from the CLI's arguments, resolved (aaa_fast.train.resolve_defaults); returns final.json's content."""
     run = Run(args)
+    if run.finished_before:  # nothing to train, and final.json is kept as it is
+        if run.ranks.is_main:
+            print(f"{args.out} is finished ({args.epochs} epochs, final.json written): nothing to do; "
+                  "python -m aaa_fast.evaluate re-evaluates it", file=sys.stderr, flush=True)
+        run.ranks.close()
+        with open(os.path.join(args.out, "final.json")) as f:
+            return json.load(f)
     for epoch in range(run.start_epoch, args.epochs):
         t0 = time.time()
         row = run.train_epoch(epoch)

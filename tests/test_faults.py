@@ -369,3 +369,52 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.0))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_finished_results_are_never_overwritten(tmp_path, data_dir):
+    """A finished run whose checkpoints are gone (the grid runner deletes them) is refused with
+    and without --resume; --resume --epochs fewer than trained is refused; --resume of a finished
+    run does nothing. final.json is untouched every time (byte for byte and mtime)."""
+    import glob
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "aaa_fast.train", *QUICK, "--epochs", "2", "--method", "erm", "--data-dir", data_dir,
+            "--out", str(out), "--test-subset", "20"]
+    assert subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600).returncode == 0
+    final = out / "final.json"
+    before = (final.read_bytes(), os.path.getmtime(final))
+
+    def again(*extra):
+        res = subprocess.run([*args, *extra], capture_output=True, text=True, env=ENV, timeout=600)
+        assert (final.read_bytes(), os.path.getmtime(final)) == before, res.stderr[-2000:]
+        return res
+
+    res = again("--resume")
+    assert res.returncode == 0 and "is finished (2 epochs, final.json written): nothing to do" in res.stderr
+    res = again("--resume", "--epochs", "1")
+    assert res.returncode == 2 and "has trained 2 epochs; --epochs 1 cannot shorten it" in res.stderr
+    for path in glob.glob(str(out / "*.pt")):
+        os.remove(path)
+    res = again()
+    assert res.returncode == 2 and "holds a finished run (final.json)" in res.stderr
+    res = again("--resume")
+    assert res.returncode == 2 and "without its checkpoints: it cannot be resumed" in res.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_data_other_than_the_runs(tmp_path):
+    from helpers import fake_fashion_mnist
+
+    data = fake_fashion_mnist(str(tmp_path / "data"), n_train=300, n_test=100)
+    out = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-m", "aaa_fast.train", *QUICK, "--epochs", "1", "--method", "erm",
+                            "--data-dir", data, "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert train.returncode == 0, train.stderr[-2000:]
+    fake_fashion_mnist(data, n_train=300, n_test=100, seed=1)  # the same files, other content
+    evaluate = [sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", str(out / "checkpoint.pt")]
+    res = subprocess.run(evaluate, capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 2 and "not the data the run was trained and tested on" in res.stderr
+    res = subprocess.run([*evaluate, "--allow-other-data", "--json", str(tmp_path / "e.json")], capture_output=True,
+                         text=True, env=ENV, timeout=300)
+    assert res.returncode == 0 and json.loads((tmp_path / "e.json").read_text())["other_data"] is True
