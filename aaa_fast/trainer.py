@@ -198,6 +198,22 @@ def make_meta_optimizer(config: AAAConfig, meta_net: MetaNet) -> torch.optim.Ada
     return torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay, fused=fused)
 
 
+def check_module_state(name: str, module: nn.Module, saved) -> None:
+    """Refuse, naming the first differences, a saved state_dict that does not fit `module` (other
+    keys or shapes: e.g. another meta_hidden), before any of it is loaded."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"trainer state has no {name} weights")
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & saved.keys()
+              if tuple(saved[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                 f"shapes saved vs here: {', '.join(sorted(shapes)[:3])}" if shapes else ""]
+        raise ValueError(f"trainer state's {name} does not fit this trainer ({'; '.join(p for p in parts if p)}); "
+                         "nothing was loaded")
+
+
 class AAATrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, meta_net: MetaNet | None = None,
                  meta_optimizer: torch.optim.Optimizer | None = None, config: AAAConfig | None = None):
@@ -626,6 +642,10 @@ class AAATrainer:
             if saved.get(key) != getattr(self.config, key):
                 raise ValueError(f"trainer state was saved with {key}={saved.get(key)!r}, "
                                  f"this trainer has {key}={getattr(self.config, key)!r}")
+        # everything checked before anything changes: a refused state leaves the trainer as it was
+        check_module_state("model", self.model, state.get("model"))
+        if self.meta_net is not None:
+            check_module_state("meta_net", self.meta_net, state.get("meta_net"))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._device_skip = self._prepare_device_skip(self.optimizer)  # the saved groups' "fused" wins

@@ -224,6 +224,13 @@ def test_trainer_argument_errors():
     other = make_trainer("trades")
     with pytest.raises(ValueError, match="saved with method='frl'"):
         other.load_state_dict(trades.state_dict())
+    # a meta-network of another width: refused before the model's weights are replaced
+    saved = make_trainer("aaa", seed=1, meta_hidden=16).state_dict()
+    narrow = make_trainer("aaa", seed=2, meta_hidden=8)
+    weights = {k: v.clone() for k, v in narrow.model.state_dict().items()}
+    with pytest.raises(ValueError, match="meta_net does not fit this trainer .*shapes saved vs here"):
+        narrow.load_state_dict(saved)
+    assert all(torch.equal(v, weights[k]) for k, v in narrow.model.state_dict().items())
 
 
 def test_compiled_model_with_meta_steps():
