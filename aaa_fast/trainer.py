@@ -254,6 +254,7 @@ class AAATrainer:
         # reported there too. Step statistics accumulate on the device until read_stats().
         self._device_skip = self._prepare_device_skip(optimizer)
         self._checked_first = {"batch": False, "meta batch": False}
+        self._image_shape: tuple | None = None  # of the first batch: every later batch must match
         self._skipped_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self._stat_sums = torch.zeros(META_NORM_SLOT + 1, dtype=torch.float64, device=self.device)
         self._meta_steps = 0
@@ -289,6 +290,11 @@ class AAATrainer:
         if x.shape[:1] != y.shape[:1]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
         check_label_dtype(y)
+        if self._image_shape is None:
+            self._image_shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != self._image_shape:  # a broadcasting or pooling model would hide it
+            raise ValueError(f"{role} images have shape {tuple(x.shape[1:])}, but the trainer's first batch had "
+                             f"{self._image_shape} (channels, height, width)")
         c = self.config.num_classes
         here = not self._checked_first[role] or (x.device.type == "cpu" and self.device.type != "cpu")
         self._checked_first[role] = True

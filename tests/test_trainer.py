@@ -504,3 +504,23 @@ def test_uint8_images_train_like_pixels_over_255(method):
         as_float.step(pixels.float() / 255, y, meta_pixels.float() / 255, y_meta)
     for p, q in zip(as_uint8.model.parameters(), as_float.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_batches_of_another_image_shape_are_refused():
+    """A 1-channel batch into a 3-channel model broadcasts through the normalisation, and a
+    28x28 meta batch passes a 32x32 model's pooling: both are refused, naming the shapes."""
+    from aaa_fast import perturb
+    from aaa_fast.models import build_model
+
+    model = build_model("small-cnn", num_classes=10, in_channels=3)
+    with pytest.raises(ValueError, match=r"takes images of shape \(N, 3, H, W\), got \(2, 1, 32, 32\)"):
+        perturb(model, torch.rand(2, 1, 32, 32), torch.tensor([0, 1]), eps=0.1, steps=1)
+    trainer = make_trainer("trades")
+    x, y = toy_problem(8)
+    trainer.step(x, y)
+    with pytest.raises(ValueError, match=r"batch images have shape \(1, 28, 28\), but the trainer's first batch had "
+                                         r"\(1, 14, 14\)"):
+        trainer.step(torch.rand(8, 1, 28, 28), y)
+    aaa = make_trainer("aaa")
+    with pytest.raises(ValueError, match=r"meta batch images have shape \(3, 14, 14\)"):
+        aaa.step(x, y, torch.rand(4, 3, 14, 14), y[:4])

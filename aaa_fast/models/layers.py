@@ -22,6 +22,9 @@ class Normalize(nn.Module):
         self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, channels, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:  # broadcasting would take a 1-channel batch
+            raise ValueError(f"the model takes images of shape (N, {self.mean.shape[1]}, H, W), got "
+                             f"{tuple(x.shape)}")
         return (x - self.mean) * self.inv_std
 
 
