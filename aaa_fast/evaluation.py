@@ -266,8 +266,8 @@ def format_final(final: dict) -> str:
         if acc not in final:
             continue
         lines += [f"{name:<24}{'natural':>10}{'boundary':>10}{'robust':>10}   (error, %)",
-                  *(f"  {row:<22}{final[f'{row}_nat_err']:>10.2f}{final[f'{prefix}{row}_bdy_err']:>10.2f}"
-                    f"{final[f'{prefix}{row}_rob_err']:>10.2f}" for row in ("avg", "worst"))]
+                  *(f"  {label:<22}{final[f'{row}_nat_err']:>10.2f}{final[f'{prefix}{row}_bdy_err']:>10.2f}"
+                    f"{final[f'{prefix}{row}_rob_err']:>10.2f}" for row, label in (("avg", "average"), ("worst", "worst")))]
     accs = [f"clean accuracy {final['clean_acc']:.2f}%"]
     if "pgd_acc" in final:
         accs.append(f"PGD accuracy {final['pgd_acc']:.2f}%")

@@ -248,10 +248,13 @@ class Run:
                 print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
                       f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
             return state
+        has_checkpoint = os.path.exists(self.ckpt_path) or os.path.exists(previous_path(self.ckpt_path))
         if ranks.is_main and has_final:
-            raise SystemExit(f"error: {args.out} holds a finished run (final.json); its results are never "
-                             "overwritten: choose another --out")
-        if ranks.is_main and (os.path.exists(self.ckpt_path) or os.path.exists(previous_path(self.ckpt_path))):
+            extend = ("pass --resume --epochs N (more epochs) to extend it" if has_checkpoint else
+                      "its checkpoints are gone, so it cannot be extended")
+            raise SystemExit(f"error: {args.out} holds a finished run (final.json), whose results are never "
+                             f"overwritten: {extend}, or choose another --out")
+        if ranks.is_main and has_checkpoint:
             raise SystemExit(f"error: {self.ckpt_path} exists; pass --resume to continue that run or choose another --out")
         return None
 
