@@ -134,6 +134,8 @@ def apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, start: Tenso
 
     def drop_fooled(wrong: Tensor) -> None:
         nonlocal rows
+        if not wrong.any():  # nothing to drop: no copy of the running state
+            return
         fooled[rows[wrong]] = True
         x_fooled[rows[wrong]] = st["x_adv"][wrong]
         keep = ~wrong
