@@ -33,7 +33,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attack import autocast, check_in_box, check_label_dtype, cross_entropy, eval_mode, predict, unit_float
+from .attack import cross_entropy
+from .model_io import autocast, check_in_box, check_label_dtype, eval_mode, predict, unit_float
 from .ops import launch_pgd_step_
 
 ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")

@@ -7,6 +7,7 @@ previous checkpoint beside the new one; `load_newest` falls back to it when the 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -65,15 +66,18 @@ def save_atomic(obj: dict, path: str) -> None:
             os.remove(tmp)
 
 
-def write_json_atomic(obj, path: str) -> None:
-    """JSON to a temporary file in the same directory, fsynced, then renamed over `path`: a full
-    disk or a crash leaves the old file (or none), never a truncated one. An OSError names `path`."""
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kwargs):
+    """A file object whose content replaces `path` at once when the block ends without an error:
+    a temporary file in the same directory, fsynced, renamed over `path`. A full disk, an error
+    in the block or a crash leaves the old file (or none), never a truncated one. An OSError
+    names `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,6 +86,12 @@ def write_json_atomic(obj, path: str) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomic(obj, path: str) -> None:
+    """`obj` as indented JSON, written with atomic_write."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
 
 
 def save_rotating(obj: dict, path: str) -> None:

@@ -50,3 +50,10 @@ def refuse_existing_output(path: str, flag: str) -> None:
     """Results are never overwritten: refuse, naming the flag, an output file that exists."""
     if os.path.exists(path):
         raise SystemExit(f"error: {path} exists; results are never overwritten: choose another {flag} or move it")
+
+
+def check_device(device: str) -> None:
+    """Refuse --device cuda on a machine without a usable CUDA device, before anything is written."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available (this torch: "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu")

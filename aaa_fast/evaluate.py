@@ -17,7 +17,7 @@ import torch
 
 from .autoattack import VERSIONS
 from .checkpoint import CheckpointError, load_checkpoint, write_json_atomic
-from .cli import HelpFormatter, number_arg, refuse_existing_output
+from .cli import HelpFormatter, check_device, number_arg, refuse_existing_output
 from .data import DatasetError, load_dataset
 from .evaluation import (EvalConfig, check_final_attack, check_test_subset, final_evaluation_points, final_test_set, format_final,
                          model_for)
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    check_device(args.device)
     config_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
     if not os.path.exists(config_path):
         raise SystemExit(f"error: {config_path} not found: the checkpoint must sit in its run directory")
@@ -100,6 +101,7 @@ def main(argv=None) -> None:
 
         x, y = final_test_set(data, run.test_subset, device)
         report = masking_report(model, x, y, eps=run.eval_eps, num_classes=data.num_classes, seed=run.seed,
+                                norm=getattr(run, "norm", "linf"),
                                 device=device, progress=True, autoattack_result=aa)
         report.update(checkpoint=args.checkpoint, method=run.method, arch=run.arch, dataset=run.dataset)
         print(write_masking_report(report, report_path, title=f"{run.method}, {run.dataset} ({run.arch})"))

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attack import eval_mode, perturb, predict, unit_float
+from .attack import perturb
+from .model_io import eval_mode, predict, unit_float
 from .autoattack import autoattack, needs_torchattacks, torchattacks_missing
 from .data import class_balanced_subset
 from .models import build_model
@@ -31,8 +32,8 @@ FINAL_ATTACKS = ("pgd", "autoattack", "both")
 class EvalConfig:
     """What an evaluation does, apart from the model and the data: the budget, PGD's steps
     (step eps/4), rows per batch, the class-balanced test subset (None: the whole test set), the
-    seed of the random starts, the final attack ("pgd", "autoattack", "both") and AutoAttack's
-    version. Always fp32."""
+    seed of the random starts, the final attack ("pgd", "autoattack", "both"), AutoAttack's
+    version and the threat model's norm ("linf" or "l2"). Always fp32."""
     eps: float
     pgd_steps: int = 20
     batch_size: int = 256
@@ -40,6 +41,7 @@ class EvalConfig:
     seed: int = 0
     final_attack: str = "pgd"
     aa_version: str = "standard"
+    norm: str = "linf"
 
     @classmethod
     def of_run(cls, run) -> "EvalConfig":
@@ -47,7 +49,8 @@ class EvalConfig:
         the final evaluation's seed is the run's + FINAL_EVAL_SEED_OFFSET."""
         return cls(eps=run.eval_eps, pgd_steps=run.eval_steps, batch_size=max(run.batch_size, 256),
                    test_subset=run.test_subset, seed=run.seed + FINAL_EVAL_SEED_OFFSET,
-                   final_attack=getattr(run, "final_attack", "pgd"), aa_version=getattr(run, "aa_version", "standard"))
+                   final_attack=getattr(run, "final_attack", "pgd"), aa_version=getattr(run, "aa_version", "standard"),
+                   norm=getattr(run, "norm", "linf"))
 
 
 @dataclass
@@ -98,11 +101,11 @@ class ClasswiseResult:
 
 
 def classwise_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, *, eps: float = 8 / 255,
-                       steps: int = 20, alpha: float = 2 / 255, batch_size: int = 256,
+                       steps: int = 20, alpha: float = 2 / 255, norm: str = "linf", batch_size: int = 256,
                        amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
                        device: torch.device | None = None,
                        on_batch: Callable[[int], None] | None = None) -> ClasswiseResult:
-    """Clean and PGD-`steps` (CE, uniform random start) accuracy per class over (x, y), in batches.
+    """Clean and PGD-`steps` (CE, uniform random start, in `norm`) accuracy per class over (x, y), in batches.
     x, y may live on the CPU; batches are moved to `device` (default: the model's). `on_batch(rows
     done)` is called after every batch (progress reports)."""
     if x.shape[0] != y.shape[0]:
@@ -117,7 +120,7 @@ def classwise_accuracy(model: nn.Module, x: Tensor, y: Tensor, num_classes: int,
             yb = y[start:start + batch_size].to(device, non_blocking=True).long()
             nat_ok = predict(model, xb, amp_dtype).argmax(1) == yb
             if steps > 0 and eps > 0:
-                xa = perturb(model, xb, yb, eps=eps, steps=steps, alpha=alpha, random_start=True,
+                xa = perturb(model, xb, yb, eps=eps, steps=steps, alpha=alpha, norm=norm, random_start=True,
                              amp_dtype=amp_dtype, generator=generator)
                 rob_ok = predict(model, xa, amp_dtype).argmax(1) == yb
             else:
@@ -155,7 +158,7 @@ def evaluate_split(model, x, y, num_classes, cfg: EvalConfig, device, seed: int,
             on_batch(done)
 
     result = classwise_accuracy(model, x, y, num_classes, eps=cfg.eps, steps=cfg.pgd_steps, alpha=cfg.eps / 4,
-                                batch_size=cfg.batch_size, amp_dtype=None,
+                                norm=cfg.norm, batch_size=cfg.batch_size, amp_dtype=None,
                                 generator=torch.Generator(device=device).manual_seed(seed), device=device,
                                 on_batch=after_batch)
     out = result.summary()
@@ -244,7 +247,8 @@ def final_evaluation_points(model, data, cfg: EvalConfig, device, progress: bool
     test_x, test_y = final_test_set(data, cfg.test_subset, device)
     result, res = {}, None
     if cfg.final_attack in ("autoattack", "both"):
-        res = autoattack(model, test_x, test_y, eps=cfg.eps, num_classes=data.num_classes, version=cfg.aa_version,
+        res = autoattack(model, test_x, test_y, eps=cfg.eps, num_classes=data.num_classes, norm=cfg.norm,
+                         version=cfg.aa_version,
                          seed=cfg.seed, batch_size=cfg.batch_size, device=device,
                          progress=autoattack_progress(cfg.aa_version, on_batch, lines=progress))
         result.update(autoattack_summary(res, test_y, data.num_classes))

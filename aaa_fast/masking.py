@@ -23,8 +23,11 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .attack import cross_entropy, eval_mode, perturb, predict, unit_float
+from .attack import cross_entropy, perturb
 from .autoattack import AutoAttackResult, apgd, autoattack, run_attacks, torchattacks_attack, torchattacks_missing
+from .checkpoint import write_json_atomic
+from .model_io import eval_mode, predict, unit_float
+from .plots import save_figure
 
 MARGIN = 2.0          # percentage points an attack must beat another by to count as beating it
 STALL_GAP = 5.0       # points AutoAttack must find beyond PGD-20 for stalled PGD to count as a sign
@@ -221,15 +224,13 @@ def plot_masking_report(report: dict, path: str, title: str = "") -> None:
     verdict = ("masking suspected: " + ", ".join(fired)) if fired else "no sign of gradient masking"
     fig.suptitle(f"{title}\n{verdict}" if title else verdict, fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def write_masking_report(report: dict, path: str, title: str = "") -> str:
     """The report as JSON at `path` (atomic) and its plot beside it (.png); returns the summary
     lines to print."""
-    from .checkpoint import write_json_atomic
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json_atomic(report, path)
     plot_masking_report(report, os.path.splitext(path)[0] + ".png", title=title)

@@ -2,13 +2,34 @@
 accuracy per class), written by python -m aaa_fast.train at the end of a run."""
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass
 
+from .checkpoint import atomic_write
 from .data import CLASS_NAMES
 
 
-def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namespace, test_size: int) -> None:
+def save_figure(fig, path: str) -> None:
+    """A PNG written atomically (a crash leaves the old plot, never half of one)."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+@dataclass(frozen=True)
+class PlotInfo:
+    """What the plots say about the run besides its history and final results."""
+    method: str
+    dataset: str
+    arch: str
+    seed: int
+    train_eps: float
+    eval_eps: float
+    eval_steps: int     # the per-epoch PGD's steps
+    eval_subset: int    # test images of the per-epoch evaluation
+    test_size: int      # test images of the final evaluation
+
+
+def make_plots(out: str, history: list[dict], final: dict, info: PlotInfo) -> None:
     """curves.png (loss, lr, test accuracy per epoch) and classwise.png (final accuracy per class)."""
     import matplotlib
 
@@ -16,8 +37,8 @@ def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namesp
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    run = f"{args.method} on {args.dataset} ({args.arch}, seed {args.seed}), training eps {args.eps:.4g}"
-    pgd = f"PGD-{args.eval_steps}, eps {args.eval_eps:.4g}"
+    run = f"{info.method} on {info.dataset} ({info.arch}, seed {info.seed}), training eps {info.train_eps:.4g}"
+    pgd = f"PGD-{info.eval_steps}, eps {info.eval_eps:.4g}"
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(14, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], marker="o", label="training loss")
@@ -25,7 +46,7 @@ def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namesp
     ax_lr.plot(epochs, [h["lr"] for h in history], marker="o", color="tab:gray")
     ax_lr.set_ylabel("learning rate (end of epoch)")
     evaluated = [h for h in history if h.get("test_clean_acc") not in (None, "")]
-    sub = f"first {min(args.eval_subset, test_size)} test images"
+    sub = f"first {min(info.eval_subset, info.test_size)} test images"
     ax_acc.plot([h["epoch"] for h in evaluated], [h["test_clean_acc"] for h in evaluated], marker="o", label="clean")
     ax_acc.plot([h["epoch"] for h in evaluated], [h["test_pgd_acc"] for h in evaluated], marker="s", label=pgd)
     ax_acc.set_ylabel(f"test accuracy (%), {sub}")
@@ -37,7 +58,7 @@ def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namesp
         ax.grid(alpha=0.3)
     fig.suptitle(run)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    save_figure(fig, os.path.join(out, "curves.png"))
     plt.close(fig)
 
     nat = final["classwise_clean_acc"]
@@ -45,8 +66,8 @@ def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namesp
         rob, attack = final["classwise_pgd_acc"], "PGD"
     else:  # --final-attack autoattack
         rob, attack = final["classwise_aa_acc"], "AutoAttack"
-        pgd = f"AutoAttack {final['aa_version']}, eps {args.eval_eps:.4g}"
-    names = CLASS_NAMES.get(args.dataset, [str(k) for k in range(len(nat))])
+        pgd = f"AutoAttack {final['aa_version']}, eps {info.eval_eps:.4g}"
+    names = CLASS_NAMES.get(info.dataset, [str(k) for k in range(len(nat))])
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(nat)), 4.5))
     idx = list(range(len(nat)))
     ax.bar([k - 0.2 for k in idx], nat, width=0.4, label="clean")
@@ -54,9 +75,9 @@ def make_plots(out: str, history: list[dict], final: dict, args: argparse.Namesp
     ax.set_xticks(idx, names, rotation=45 if len(nat) <= 20 else 90, ha="right", fontsize="small")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{run}\nfinal, {test_size} test images; worst class: clean {min(nat):.1f}%, {attack} {min(rob):.1f}%",
+    ax.set_title(f"{run}\nfinal, {info.test_size} test images; worst class: clean {min(nat):.1f}%, {attack} {min(rob):.1f}%",
                  fontsize="medium")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside the bars
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "classwise.png"), dpi=100)
+    save_figure(fig, os.path.join(out, "classwise.png"))
     plt.close(fig)

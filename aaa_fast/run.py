@@ -18,15 +18,16 @@ import zlib
 
 import torch
 
-from .checkpoint import (CheckpointError, config_hash, load_checkpoint, load_newest, previous_path, save_atomic,
-                         save_rotating, write_json_atomic)
+from .checkpoint import (CheckpointError, atomic_write, config_hash, load_checkpoint, load_newest, previous_path,
+                         save_atomic, save_rotating, write_json_atomic)
 from .data import DatasetError, build_scenario, load_dataset, random_crop_flip
 from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
 from .evaluation import (EvalConfig, check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final,
                          model_for)
-from .plots import make_plots
+from .plots import PlotInfo, make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
-from .trainer import AAA_METHODS, STEP_STATS, AAAConfig, AAATrainer, make_meta_net, make_meta_optimizer
+from .methods import get_method
+from .trainer import CONFIG_DEFAULTS, AAAConfig, AAATrainer, make_meta_net, make_meta_optimizer
 
 # every random stream of a run is drawn from --seed plus a fixed offset (the model's initial
 # weights and the attacks' starts from --seed itself; the meta-network's from meta_net_seed;
@@ -34,13 +35,32 @@ from .trainer import AAA_METHODS, STEP_STATS, AAAConfig, AAATrainer, make_meta_n
 SHUFFLE_SEED_OFFSET = 1      # the epochs' order of training and meta rows
 AUGMENT_SEED_OFFSET = 2      # crops and flips (CIFAR)
 EPOCH_EVAL_SEED_OFFSET = 1000  # the per-epoch test evaluation's PGD starts, + the epoch
-# metrics.csv: the trainer's STEP_STATS averaged over an epoch's steps (frac_anti: share of rows
-# with b > a; grad_band: share with a(1 - a) > 1e-3); meta_grad_norm: mean over its meta steps
-# metrics.csv names: the three objective terms are losses (not errors, not shares)
-CSV_NAMES = {"natural": "natural_loss", "boundary": "boundary_loss", "anti": "anti_loss"}
-METRIC_FIELDS = ["epoch", "lr", *[CSV_NAMES.get(k, k) for k in STEP_STATS], "meta_grad_norm", *GROUP_FIELDS, "skipped",
-                 "test_clean_acc", "test_pgd_acc", "seconds"]
 DIAGNOSTIC_FIELDS = ["frac_anti", "grad_band", "mean_eps", "meta_grad_norm", *GROUP_FIELDS]
+
+
+def csv_name(method: str, stat: str) -> str:
+    """metrics.csv's name of a step statistic: a method's loss terms are named <term>_loss (they
+    are losses, not errors or shares)."""
+    return f"{stat}_loss" if stat in get_method(method).terms else stat
+
+
+def metric_fields(stat_names, method: str) -> list[str]:
+    """metrics.csv's columns: the trainer's step statistics averaged over an epoch's steps
+    (frac_anti: share of rows with b > a; grad_band: share with a(1 - a) > 1e-3), meta_grad_norm
+    (mean over its meta steps), what the meta-network chose per group, the evaluation."""
+    return ["epoch", "lr", *[csv_name(method, k) for k in stat_names], "meta_grad_norm", *GROUP_FIELDS, "skipped",
+            "test_clean_acc", "test_pgd_acc", "seconds"]
+
+
+# settings that got a flag after runs were recorded without one: they enter the run's hash only
+# when they differ from their default, so run directories written before still resume
+LATER_SETTINGS = {name: CONFIG_DEFAULTS[name]
+                  for name in ("norm", "adv_loss", "s_min", "s_max", "fixed_weights", "tau", "rho1", "rho2")}
+
+
+def run_hash(run_config: dict) -> str:
+    return config_hash({k: v for k, v in run_config.items()
+                        if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])})
 
 
 def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_info: dict) -> None:
@@ -49,7 +69,7 @@ def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_inf
         subset = f" of --train-subset {args.train_subset}" if args.train_subset else ""
         raise SystemExit(f"error: --num-meta {args.num_meta} takes every image{subset}: no training images are "
                          "left; lower --num-meta or raise --train-subset")
-    uses_meta_set = args.method == "aaa" or args.fairness
+    uses_meta_set = get_method(args.method).uses_meta_net or args.fairness
     if uses_meta_set and args.num_meta < num_classes:
         raise SystemExit(f"error: --method {args.method} learns from the meta set (meta-network or fairness "
                          f"multipliers): --num-meta must be at least {num_classes} (one image per class), "
@@ -146,7 +166,7 @@ def trainer_config(args: argparse.Namespace, num_classes: int, class_counts: tor
 
 def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device, ranks: Distributed) -> AAATrainer:
     """The model (seeded, or from --init), its SGD, the AAAConfig the flags describe, the
-    meta-network and its Adam for method 'aaa', and the trainer that holds them."""
+    meta-network and its Adam for a method that uses one, and the trainer that holds them."""
     torch.manual_seed(args.seed)
     model = model_for(args.arch, data, device)
     if args.init:
@@ -160,7 +180,7 @@ def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device
                                 fused=device.type == "cuda")
     config = trainer_config(args, data.num_classes, scenario.class_counts)
     meta_net = meta_opt = None
-    if args.method == "aaa":
+    if get_method(args.method).uses_meta_net:
         meta_net = make_meta_net(config, seed=meta_net_seed(scenario.info)).to(device)
         meta_opt = make_meta_optimizer(config, meta_net)
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
@@ -194,7 +214,7 @@ class Run:
                            if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "cuda_graphs",
                                         "final_attack", "aa_version")}
         self.run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
-        self.run_hash = config_hash(self.run_config)
+        self.run_hash = run_hash(self.run_config)
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
         self.finished_before = False
         state = self.load_state()
@@ -272,11 +292,11 @@ class Run:
     def write_config(self) -> None:
         if self.ranks.is_main:
             args = self.args
-            with open(os.path.join(args.out, "config.json"), "w") as f:
-                json.dump(dict(self.run_config, data_dir=args.data_dir, epochs=args.epochs, final_attack=args.final_attack,
-                               aa_version=args.aa_version, config_hash=self.run_hash,
-                               scenario=self.scenario.info, trainer_config=dataclasses.asdict(self.trainer.config),
-                               device=str(self.device), torch=torch.__version__), f, indent=2)
+            config = dict(self.run_config, data_dir=args.data_dir, epochs=args.epochs, final_attack=args.final_attack,
+                          aa_version=args.aa_version, config_hash=self.run_hash, scenario=self.scenario.info,
+                          trainer_config=dataclasses.asdict(self.trainer.config), device=str(self.device),
+                          torch=torch.__version__)
+            write_json_atomic(config, os.path.join(args.out, "config.json"))
 
     def save_checkpoint(self, epochs_done: int, position: dict | None = None) -> None:
         if self.ranks.is_main:
@@ -299,7 +319,7 @@ class Run:
         with self.stop_on_nonfinite(epoch):
             read = self.trainer.read_stats()
         sums["steps"] += read["steps"]
-        for key in STEP_STATS:
+        for key in self.trainer.stat_names:
             sums[key] += read[key] * read["steps"] if read["steps"] else 0.0
         if read["meta_steps"]:
             sums["meta_steps"] += read["meta_steps"]
@@ -325,7 +345,7 @@ class Run:
             trainer.update_fairness(self.meta_x, self.meta_y)
             order = torch.randperm(self.train_y.shape[0], generator=self.shuffle).to(device)
             meta_order = torch.randperm(self.meta_y.shape[0], generator=self.shuffle).to(device)
-            sums, first_step = dict.fromkeys(["steps", *STEP_STATS, "meta_steps", "meta_grad_norm"], 0.0), 0
+            sums, first_step = dict.fromkeys(["steps", *trainer.stat_names, "meta_steps", "meta_grad_norm"], 0.0), 0
             self.choices.reset()
         n_meta_batch = min(args.meta_batch_size, self.meta_y.shape[0])
         batches = range(first_step, self.steps_per_epoch)
@@ -351,8 +371,8 @@ class Run:
             if self.board is not None:
                 step_no = epoch * self.steps_per_epoch + i + 1
                 self.board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
-                for key in ("loss", "natural", "boundary", "anti", "frac_anti"):
-                    self.board.add_scalar(f"step/{CSV_NAMES.get(key, key)}", stats[key], step_no)
+                for key in ("loss", *trainer.method.terms, "frac_anti"):
+                    self.board.add_scalar(f"step/{csv_name(args.method, key)}", stats[key], step_no)
             if self.use_bar and ranks.is_main and i % 25 == 0:  # reading the loss waits for the GPU
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             elif lines is not None:
@@ -368,7 +388,7 @@ class Run:
         trainer.end_epoch(fairness=False)
         n = max(sums["steps"], 1)
         return dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"],
-                    **{CSV_NAMES.get(k, k): sums[k] / n for k in STEP_STATS},
+                    **{csv_name(args.method, k): sums[k] / n for k in trainer.stat_names},
                     meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
                     **self.choices.summary(self.scenario.train_y_clean), skipped=trainer.skipped_steps,
                     test_clean_acc="", test_pgd_acc="")
@@ -393,8 +413,8 @@ class Run:
         self.save_checkpoint(row["epoch"])
         if not self.ranks.is_main:
             return
-        with open(os.path.join(args.out, "metrics.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        with atomic_write(os.path.join(args.out, "metrics.csv"), newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=metric_fields(self.trainer.stat_names, args.method))
             writer.writeheader()
             writer.writerows(self.history)
         if self.board is not None:
@@ -404,7 +424,7 @@ class Run:
             self.board.flush()
         acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
                if row["test_clean_acc"] != "" else "")
-        anti = f", anti share {row['frac_anti']:.2f}" if args.method in AAA_METHODS else ""
+        anti = f", anti share {row['frac_anti']:.2f}" if self.trainer.method.chooses_rows else ""
         print(f"epoch {row['epoch']}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
               f"lr {self.trainer.optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
 
@@ -425,7 +445,9 @@ class Run:
                      diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
         if ranks.is_main:
             write_json_atomic(final, os.path.join(args.out, "final.json"))
-            make_plots(args.out, history, final, args, test_size=self.test_y.shape[0])
+            make_plots(args.out, history, final, PlotInfo(args.method, args.dataset, args.arch, args.seed, args.eps,
+                                                          args.eval_eps, args.eval_steps, args.eval_subset,
+                                                          test_size=self.test_y.shape[0]))
             if self.board is not None:
                 for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err", "aa_acc", "aa_avg_rob_err",
                             "aa_worst_rob_err"):

@@ -11,13 +11,12 @@ results on the test set), curves.png and classwise.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
-from .attack import AMP
+from .model_io import AMP
 from .autoattack import VERSIONS
-from .cli import HelpFormatter, number_arg
+from .cli import HelpFormatter, check_device, number_arg
 from .data import DATASETS, NOISE_KINDS
 from .evaluation import FINAL_ATTACKS, check_final_attack
 from .meta import META_INITS
@@ -25,13 +24,12 @@ from .models import ARCHS
 from .objective import OBJECTIVES
 from .run import train
 from .runtime import run_cli
-from .trainer import BOUND_MODES, METHODS, AAAConfig, fill_defaults
+from .methods import defaults_help, get_method, method_names
+from .trainer import BOUND_MODES, CONFIG_DEFAULTS, fill_defaults
 
 NOISE_ALIASES = {"sym": "uniform", "asym": "flip1"}
 FMNIST_EPS = 0.1  # Fashion-MNIST's training and evaluation bound (its images are not CIFAR's)
 
-# the flags that map onto AAAConfig fields take their defaults from it (one home per setting)
-CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(AAAConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,19 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw this many training images (class-balanced, the meta set included) for quick runs")
     g = p.add_argument_group("model and method")
     g.add_argument("--arch", default="wrn28-10", choices=sorted(ARCHS), help="network")
-    g.add_argument("--method", default="aaa", choices=METHODS,
-                   help="erm, pgd-at, trades, frl (baselines); aaa (meta-learned adversarial/anti-adversarial "
-                        "choice), aaa-fixed (a = b = 1/2), aaa-oracle (corrupted rows to the anti term)")
+    g.add_argument("--method", default="aaa", choices=method_names(),
+                   help="; ".join(f"{m}: {get_method(m).description}" for m in method_names()))
     g.add_argument("--bound-mode", default=None, choices=BOUND_MODES,
                    help="per-sample bounds eps_i: fixed (eps for all), remargin (FRL's class-wise bounds), "
-                        "meta (from the meta-network, aaa only); default remargin for frl/aaa*, fixed otherwise")
+                        "meta (from the meta-network: " + ", ".join(m for m in method_names() if get_method(m).learns_bounds)
+                        + "); default " + defaults_help("bound_mode"))
     g.add_argument("--eps", type=number_arg(float, 0), default=None, help="training bound eps_0 in pixel units "
-                   "(e.g. 8/255); default 10/255 for aaa*, 8/255 otherwise, 0.1 on Fashion-MNIST")
+                   "(e.g. 8/255); default " + defaults_help("eps") + "; 0.1 on Fashion-MNIST")
+    g.add_argument("--norm", default=CONFIG_DEFAULTS["norm"], choices=["linf", "l2"],
+                   help="the threat model: the training attacks' and the evaluation's (PGD and AutoAttack) "
+                        "norm; --eps and --eval-eps are in it")
     g.add_argument("--alpha", type=number_arg(float, 0, lo_open=True), default=None,
                    help="attack step size; default eps/4")
     g.add_argument("--steps", type=number_arg(int, 0), default=CONFIG_DEFAULTS["steps"], help="attack steps per training batch")
     g.add_argument("--lam", type=number_arg(float, 0), default=None,
-                   help="TRADES lambda; default 1.5 for aaa*, 6 otherwise")
+                   help="weight of the KL term (TRADES' 1/lambda, MART's beta); default " + defaults_help("lam"))
+    g.add_argument("--adv-loss", default=CONFIG_DEFAULTS["adv_loss"], choices=["kl", "ce"],
+                   help="the loss the adversarial examples of TRADES, FRL and AAA ascend: kl (TRADES' "
+                        "KL to the clean prediction) or ce (PGD-CE)")
     g.add_argument("--objective", default=CONFIG_DEFAULTS["objective"], choices=OBJECTIVES,
                    help="kl-all (extension; study v2 in docs/RESULTS.md): the KL term applies to every row, so "
                         "anti-adversarial rows keep adversarial training; paper: a_i weights the natural CE and "
@@ -92,8 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--meta-start-a", type=number_arg(float, 0, 1, lo_open=True, hi_open=True),
                    default=CONFIG_DEFAULTS["meta_start_a"], help="trades init: the TRADES weight a_i every row starts at")
     g.add_argument("--meta-batch-size", type=number_arg(int, 1), default=100, help="meta-set rows per meta step")
+    g.add_argument("--s-min", type=number_arg(float, 0, lo_open=True), default=CONFIG_DEFAULTS["s_min"],
+                   help="--bound-mode meta: the smallest bound, as a multiple s_i of eps_0")
+    g.add_argument("--s-max", type=number_arg(float, 0, lo_open=True), default=CONFIG_DEFAULTS["s_max"],
+                   help="--bound-mode meta: the largest bound, as a multiple s_i of eps_0")
+    g.add_argument("--fixed-weights", type=number_arg(float, 0), nargs=2, metavar=("A", "B"),
+                   default=list(CONFIG_DEFAULTS["fixed_weights"]),
+                   help="aaa-fixed: every row's adversarial and anti-adversarial weights (a_i, b_i)")
     g.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=None,
-                   help="FRL's class-wise multipliers; default on for frl/aaa*, off otherwise")
+                   help="FRL's class-wise multipliers; default " + defaults_help("fairness"))
+    g.add_argument("--tau", type=number_arg(float, 0), default=CONFIG_DEFAULTS["tau"],
+                   help="fairness: FRL's tolerance of a class's error above the average")
+    g.add_argument("--rho1", type=number_arg(float, 0, lo_open=True), default=CONFIG_DEFAULTS["rho1"],
+                   help="fairness: FRL's step for the class weights of the two terms (halved every 40 updates)")
+    g.add_argument("--rho2", type=number_arg(float, 0, lo_open=True), default=CONFIG_DEFAULTS["rho2"],
+                   help="fairness: FRL's step for the class-wise bound multipliers")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=number_arg(int, 1), default=100,
                    help="training epochs; with --resume, more than the run had extends it")
@@ -149,16 +166,16 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.download = not fmnist
     if args.label_noise == "none" and args.noise_rate > 0:
         raise SystemExit("error: --noise-rate needs --label-noise uniform|flip1|flip2")
-    if args.method == "aaa-oracle" and (args.label_noise == "none" or args.noise_rate == 0):
-        raise SystemExit("error: --method aaa-oracle sends the rows whose labels were corrupted to the anti "
-                         "term: it needs --label-noise and --noise-rate > 0")
+    if get_method(args.method).needs_corrupted and (args.label_noise == "none" or args.noise_rate == 0):
+        raise SystemExit(f"error: --method {args.method} is told which training labels were corrupted: "
+                         "it needs --label-noise and --noise-rate > 0")
+    args.fixed_weights = tuple(args.fixed_weights)
     if args.autoattack:
         args.final_attack = "both"
     check_final_attack(args.final_attack, args.aa_version)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
+    check_device(args.device)
     return args
 
 

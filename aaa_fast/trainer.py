@@ -14,9 +14,10 @@
 A step makes no host synchronisation (after the first batch) when its optimizer is fused, e.g.
 torch.optim.SGD(..., fused=True): the GPU runs ahead of Python until something is read.
 
-Every method runs through the same code: build the examples it trains on (none, PGD-CE,
-TRADES-KL, or the AAA pair as one 2N batch), one train-mode forward of all rows concatenated
-(BatchNorm statistics are taken over that mixed batch), the weighted objective, one backward.
+Every method (aaa_fast.methods: one file each, a registry) runs through the same step: the
+method builds the rows it trains on (none, PGD-CE, TRADES-KL, or the AAA pair as one 2N batch),
+the engine makes one train-mode forward of all rows concatenated (BatchNorm statistics are taken
+over that mixed batch), the method's loss, one backward, the optimizer step.
 """
 from __future__ import annotations
 
@@ -29,31 +30,32 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .attack import (AMP, AttackGraphs, attack_rows, autocast, box_error, build_pair, check_in_box, check_label_dtype,
-                     check_labels, eval_mode, label_error, predict, unit_float)
+from .attack import AttackGraphs, attack_rows, build_pair
 from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
-from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet, meta_gradient
-from .objective import INITIAL_CLASS_LOSS, OBJECTIVES, sample_features, weighted_objective
-from .ops import project
-
-METHODS = ("erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa", "aaa-oracle")
-AAA_METHODS = ("aaa-fixed", "aaa", "aaa-oracle")  # the ones that build the adversarial/anti-adversarial pair
+from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet
+from .methods import Batch, get_method, method_names
+from .model_io import (AMP, autocast, box_error, check_in_box, check_label_dtype, check_labels, eval_mode, label_error,
+                       predict, unit_float)
+from .objective import INITIAL_CLASS_LOSS, OBJECTIVES
 # the collapse guard that goes with each way of starting the meta-network (1.0: off, as the reference)
 INIT_ANTI_CAP = {"trades": 0.5, "reference": 1.0}
 GRAD_BAND = 1e-3  # a row whose a(1 - a) is above this still gets a meta-gradient (diagnostics)
 BOUND_MODES = ("fixed", "remargin", "meta")
-# per-step statistics (StepStats keys, read_stats means): the objective's terms, the mean bound,
-# the anti-adversarial share (rows with b > a) and the share of rows inside the gradient band
-STEP_STATS = ("loss", "natural", "boundary", "anti", "frac_anti", "grad_band", "mean_eps")
-# the device-side sums read_stats() reads: each of STEP_STATS over applied steps, then these
-APPLIED_SLOT, SKIPPED_SLOT, META_NORM_SLOT = range(len(STEP_STATS), len(STEP_STATS) + 3)
+# per-step statistics besides the method's loss terms: the anti-adversarial share (rows with
+# b > a), the share of rows inside the gradient band and the mean bound
+ROW_STATS = ("frac_anti", "grad_band", "mean_eps")
+
+
+def step_stat_names(method: str) -> tuple[str, ...]:
+    """StepStats keys and read_stats means of a method: the total loss, its terms, ROW_STATS."""
+    return ("loss", *get_method(method).terms, *ROW_STATS)
 
 
 class StepStats(Mapping):
     """One step's statistics, kept on the device: reading any value copies them all to the host
     at once (one synchronisation), so a loop that never reads them never waits for the GPU.
-    Keys: STEP_STATS, "meta_grad_norm" on meta steps, "skipped" (no update was applied), and
+    Keys: step_stat_names(method), "meta_grad_norm" on meta steps, "skipped" (no update was applied), and
     the host-side "meta_step" and "iteration"."""
 
     def __init__(self, values: dict[str, Tensor], host: dict):
@@ -78,17 +80,16 @@ class StepStats(Mapping):
 
 
 def fill_defaults(settings, *, default_eps: float | None = None) -> None:
-    """The one home of the per-method defaults. Sets each of eps, alpha, lam, bound_mode,
-    fairness, temperature and anti_cap that `settings` (an AAAConfig, or the CLI's arguments, so
-    that config.json records the values used) leaves at None:
-    eps: `default_eps` (a data set's), else 10/255 for aaa* (the paper's) and 8/255 otherwise;
-    alpha: eps / 4; lam: 1.5 for aaa* (the paper's), 6 otherwise (TRADES' 1/lambda);
-    bound_mode: remargin (FRL's class-wise bounds) for frl and aaa*, fixed otherwise;
-    fairness: on for frl and aaa*; temperature and anti_cap: those of settings.meta_init."""
-    aaa, frl_like = settings.method in AAA_METHODS, settings.method in ("frl", *AAA_METHODS)
-    defaults = dict(eps=default_eps if default_eps is not None else (10 / 255 if aaa else 8 / 255),
-                    lam=1.5 if aaa else 6.0, bound_mode="remargin" if frl_like else "fixed", fairness=frl_like,
-                    temperature=INIT_TEMPERATURE[settings.meta_init], anti_cap=INIT_ANTI_CAP[settings.meta_init])
+    """Sets each of eps, alpha, lam, bound_mode, fairness, temperature and anti_cap that
+    `settings` (an AAAConfig, or the CLI's arguments, so that config.json records the values
+    used) leaves at None: eps, lam, bound_mode and fairness from the method's file (its
+    `defaults`, else methods.base.DEFAULTS), eps from `default_eps` (a data set's) when given;
+    alpha: eps / 4; temperature and anti_cap: those of settings.meta_init."""
+    method = get_method(settings.method)
+    defaults = {key: method.default(key) for key in ("eps", "lam", "bound_mode", "fairness")}
+    if default_eps is not None:
+        defaults["eps"] = default_eps
+    defaults.update(temperature=INIT_TEMPERATURE[settings.meta_init], anti_cap=INIT_ANTI_CAP[settings.meta_init])
     for key, value in defaults.items():
         if getattr(settings, key) is None:
             setattr(settings, key, value)
@@ -98,13 +99,13 @@ def fill_defaults(settings, *, default_eps: float | None = None) -> None:
 
 @dataclass
 class AAAConfig:
-    method: str = "aaa"              # erm | pgd-at | trades | frl | aaa-fixed | aaa | aaa-oracle
+    method: str = "aaa"              # a registered method (aaa_fast.methods.method_names())
     num_classes: int = 10
     # a field left at None takes its per-method default from fill_defaults
-    eps: float | None = None         # base bound eps_0, pixel units; 10/255 for aaa*, 8/255 otherwise
+    eps: float | None = None         # base bound eps_0, pixel units; the method's default (8/255, aaa*: 10/255)
     alpha: float | None = None       # attack step; eps / 4
     steps: int = 10                  # attack steps K
-    lam: float | None = None         # TRADES trade-off lambda; 1.5 for aaa*, 6 otherwise (TRADES' 1/lambda)
+    lam: float | None = None         # TRADES trade-off lambda; the method's default (6, aaa*: 1.5)
     adv_loss: str = "kl"             # adversarial examples: "kl" (TRADES) or "ce" (PGD-CE)
     norm: str = "linf"
     bound_mode: str | None = None    # fixed | remargin | meta; default: remargin for frl/aaa*, else fixed
@@ -139,8 +140,7 @@ class AAAConfig:
     skip_nonfinite: bool = False     # skip (and count) a step with a NaN/inf loss instead of raising
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        method = get_method(self.method)
         if self.meta_init not in META_INITS:
             raise ValueError(f"meta_init must be one of {META_INITS}, got {self.meta_init!r}")
         fill_defaults(self)
@@ -152,8 +152,10 @@ class AAAConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.bound_mode not in BOUND_MODES:
             raise ValueError(f"bound_mode must be one of {BOUND_MODES}, got {self.bound_mode!r}")
-        if self.bound_mode == "meta" and self.method != "aaa":
-            raise ValueError("bound_mode='meta' needs method='aaa' (the bounds come from the meta-network)")
+        if self.bound_mode == "meta" and not method.learns_bounds:
+            learners = [m for m in method_names() if get_method(m).learns_bounds]
+            raise ValueError(f"bound_mode='meta' needs a method whose meta-network gives the bounds ({learners}), "
+                             f"not {self.method!r}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         for name in ("eps", "alpha", "lam", "fairness_eval_eps", "meta_lr", "meta_weight_decay"):
@@ -174,8 +176,15 @@ class AAAConfig:
             raise ValueError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
         if self.class_share is not None and len(self.class_share) != self.num_classes:
             raise ValueError(f"class_share needs {self.num_classes} values, got {len(self.class_share)}")
+        if not 0 < self.s_min <= self.s_max:
+            raise ValueError(f"the meta bounds need 0 < s_min <= s_max, got s_min={self.s_min}, s_max={self.s_max}")
         if len(self.fixed_weights) != 2 or min(self.fixed_weights) < 0:
             raise ValueError(f"fixed_weights must be two numbers >= 0, got {self.fixed_weights}")
+        method.check_config(self)
+
+
+# the flags that map onto AAAConfig fields take their defaults from here (one home per setting)
+CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(AAAConfig)}
 
 
 def make_meta_net(config: AAAConfig, *, seed: int | None = None) -> MetaNet:
@@ -218,13 +227,8 @@ class AAATrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, meta_net: MetaNet | None = None,
                  meta_optimizer: torch.optim.Optimizer | None = None, config: AAAConfig | None = None):
         self.config = cfg = config or AAAConfig()
-        if cfg.method == "aaa":
-            if meta_net is None or meta_optimizer is None:
-                raise ValueError("method='aaa' needs meta_net and meta_optimizer")
-            if not isinstance(optimizer, torch.optim.SGD):
-                raise TypeError("method='aaa' replicates the optimizer's step in its lookahead: use torch.optim.SGD")
-            if meta_net.bound_head != (cfg.bound_mode == "meta"):
-                raise ValueError(f"bound_mode={cfg.bound_mode!r} needs MetaNet(bound_head={cfg.bound_mode == 'meta'})")
+        method = get_method(cfg.method)
+        method.check_trainer(optimizer, meta_net, meta_optimizer, cfg)
         self.model, self.optimizer = model, optimizer
         self.meta_net, self.meta_optimizer = meta_net, meta_optimizer
         self.device = next(model.parameters()).device
@@ -256,7 +260,12 @@ class AAATrainer:
         self._checked_first = {"batch": False, "meta batch": False}
         self._image_shape: tuple | None = None  # of the first batch: every later batch must match
         self._skipped_total = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._stat_sums = torch.zeros(META_NORM_SLOT + 1, dtype=torch.float64, device=self.device)
+        self.stat_names = step_stat_names(cfg.method)
+        # the device-side sums read_stats() reads: each stat over applied steps, then applied,
+        # skipped and meta-gradient norm
+        self._applied_slot, self._skipped_slot, self._meta_norm_slot = range(len(self.stat_names),
+                                                                             len(self.stat_names) + 3)
+        self._stat_sums = torch.zeros(self._meta_norm_slot + 1, dtype=torch.float64, device=self.device)
         self._meta_steps = 0
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._seen_low = torch.full((2,), math.inf, device=self.device)   # (x, y) minima of deferred checks
@@ -264,6 +273,7 @@ class AAATrainer:
         # data parallelism: called with the model's (and the meta-net's) gradients before each
         # optimizer step, e.g. to average them across ranks (see aaa_fast.runtime.Distributed)
         self.grad_sync: Callable[[list[Tensor]], None] | None = None
+        self.method = method(self)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -282,7 +292,7 @@ class AAATrainer:
                     optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         return True
 
-    def _inputs(self, x: Tensor, y: Tensor, role: str = "batch") -> tuple[Tensor, Tensor]:
+    def inputs(self, x: Tensor, y: Tensor, role: str = "batch") -> tuple[Tensor, Tensor]:
         """x as float in [0, 1] (uint8 scaled by 1/255), y as int64, both on the device. The first
         batch (and meta batch), and any batch still on the CPU of a GPU trainer, is checked here;
         other batches are checked on the device, out-of-range labels clamped so no kernel indexes
@@ -322,27 +332,29 @@ class AAATrainer:
         self._u, self._v = (w if w is None else w.to(self.device) for w in weights)
         self._bound_multipliers = self.fairness.bound_multipliers().to(self.device)
 
-    def _class_weights(self) -> tuple[Tensor | None, Tensor | None]:
+    @property
+    def class_weights(self) -> tuple[Tensor | None, Tensor | None]:
+        """The FRL class weights (u, v) of the natural and boundary terms on the device (None: fairness off)."""
         return self._u, self._v
 
-    def _row_bounds(self, y: Tensor) -> Tensor:
+    def row_bounds(self, y: Tensor) -> Tensor:
         """eps_0 * m_{y_i}: class remargins in 'remargin' mode, 1 otherwise."""
         eps = torch.full(y.shape, self.config.eps, device=self.device)
         if self.config.bound_mode == "remargin":
             eps = eps * self._bound_multipliers[y.to(self.device)]
         return eps
 
-    def _attack(self, x: Tensor, y: Tensor, kind: str, eps_rows: Tensor, random_start) -> Tensor:
+    def attack(self, x: Tensor, y: Tensor, kind: str, eps_rows: Tensor, random_start) -> Tensor:
         """K ascent steps of the loss `kind` on every row of the validated batch (PGD-AT, TRADES, FRL)."""
         cfg, n = self.config, x.shape[0]
-        clean_logits = self._clean_logits(x) if kind == "kl" else None
+        clean_logits = self.clean_logits(x) if kind == "kl" else None
         with eval_mode(self.model):
             return attack_rows(self.net, x, y, kind, clean_logits, torch.ones(n, device=self.device), eps_rows,
                                torch.full((n,), cfg.alpha, device=self.device), steps=cfg.steps, norm=cfg.norm,
                                random_start=random_start, amp_dtype=self.amp_dtype, generator=self.generator,
                                graphs=self.attack_graphs)
 
-    def _pair(self, x: Tensor, y: Tensor, clean_logits: Tensor, eps_rows: Tensor, keep_unprojected: bool = False):
+    def pair(self, x: Tensor, y: Tensor, clean_logits: Tensor, eps_rows: Tensor, keep_unprojected: bool = False):
         cfg = self.config
         with eval_mode(self.model):
             return build_pair(self.net, x, y, clean_logits, eps_rows.repeat(2),
@@ -351,20 +363,16 @@ class AAATrainer:
                               amp_dtype=self.amp_dtype, generator=self.generator, keep_unprojected=keep_unprojected,
                               graphs=self.attack_graphs)
 
-    def _clean_logits(self, x: Tensor) -> Tensor:
+    def clean_logits(self, x: Tensor) -> Tensor:
         with eval_mode(self.model):
             return predict(self.net, x, self.amp_dtype)
 
-    def _forward(self, rows: list[Tensor], model_call=None, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
+    def forward(self, rows: list[Tensor], model_call=None, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
         """One train-mode forward of all rows concatenated (autocast to `amp_dtype`), split back."""
         call = model_call or self.net
         with autocast(self.device, amp_dtype):
             logits = call(torch.cat(rows))
         return list(logits.split([r.shape[0] for r in rows]))
-
-    def _meta_bounded_pair(self, unprojected: Tensor, x: Tensor, s: Tensor) -> Tensor:
-        """The pair's rows re-projected onto bounds eps_0 * s_i (differentiable in s)."""
-        return project(unprojected, torch.cat([x, x]), (self.config.eps * s).repeat(2), self.config.norm)
 
     # ------------------------------------------------------------------ the step
     def step(self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *,
@@ -375,64 +383,19 @@ class AAATrainer:
         rows with b > a; grad_band: share with a(1 - a) > 1e-3; meta_grad_norm on meta steps),
         kept on the device until read; read_stats() gives their means since its last call. The
         rows' (a, b) stay in `last_choice`."""
-        cfg, model = self.config, self.model
+        model = self.model
         self.last_choice = None
-        x, y = self._inputs(x, y)
+        x, y = self.inputs(x, y)
         n = x.shape[0]
-        u, v = self._class_weights()
-        eps_rows = self._row_bounds(y)
-        a: Tensor | float = 1.0
-        b: Tensor | float = 0.0
-        lam = cfg.lam
-        meta_stepped = False
-        meta_grad_norm = None
-        if cfg.method == "erm":
-            rows, lam = [x], 0.0
-        elif cfg.method == "pgd-at":
-            rows, lam = [self._attack(x, y, "ce", eps_rows, random_start=True)], 0.0
-        elif cfg.method in ("trades", "frl"):
-            rows = [x, self._attack(x, y, cfg.adv_loss, eps_rows, random_start="normal")]
-        else:
-            clean_logits = self._clean_logits(x)
-            s = None
-            if cfg.method == "aaa-fixed":
-                a, b = cfg.fixed_weights
-            elif cfg.method == "aaa-oracle":
-                if not (isinstance(corrupted, Tensor) and corrupted.shape == y.shape):
-                    raise ValueError(f"method='aaa-oracle' needs corrupted=, a bool tensor of shape {tuple(y.shape)} "
-                                     "saying which training labels are corrupted")
-                b = corrupted.to(self.device, non_blocking=True).float()
-                a = 1 - b
-            else:
-                features = sample_features(clean_logits, y, self.class_loss_avg, self.class_share)
-                self.meta_net.train()
-                with torch.no_grad():
-                    a, b, s = self.meta_net(features)
-            meta_bounds = cfg.bound_mode == "meta"
-            if meta_bounds:
-                eps_rows = cfg.eps * s
-            pair = self._pair(x, y, clean_logits, eps_rows, keep_unprojected=meta_bounds)
-            pair, unprojected = pair if meta_bounds else (pair, None)
-            if cfg.method == "aaa" and x_meta is not None and self.iteration % cfg.meta_every == 0:
-                meta_grad_norm = self._meta_step(x, y, features, pair, unprojected, x_meta, y_meta, u, v)
-                meta_stepped = True
-                with torch.no_grad():
-                    a, b, s = self.meta_net(features)
-                if meta_bounds:  # the new bounds re-project the kept last iterates
-                    eps_rows = cfg.eps * s
-                    pair = self._meta_bounded_pair(unprojected, x, s)
-            rows = [x, pair[:n], pair[n:]]
+        batch = Batch(x, y, self.row_bounds(y), *self.class_weights, x_meta, y_meta, corrupted)
+        plan = self.method.prepare(batch)
         model.train()
-        logits = self._forward(rows, amp_dtype=self.amp_dtype)
-        nat_logits = logits[0]
-        terms = weighted_objective(y, nat_logits, a=a, u=u, adv_logits=logits[1] if len(rows) > 1 else None, v=v,
-                                   lam=lam, anti_logits=logits[2] if len(rows) > 2 else None, b=b,
-                                   a_boundary=self._a_boundary)
-        bad = ~torch.isfinite(terms.total)
+        loss = self.method.loss(batch, self.forward(plan.rows, amp_dtype=self.amp_dtype), plan)
+        bad = ~torch.isfinite(loss.total)
         if not self._device_skip and bad:  # a synchronisation, without a fused optimizer only
-            return self._nonfinite("loss", terms)
+            return self._nonfinite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms.total).backward()
+        self.scaler.scale(loss.total).backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if self.grad_sync is not None:
             self.grad_sync(grads)
@@ -442,7 +405,7 @@ class AAATrainer:
             bad_grads = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
             if not self._device_skip and bad_grads:
                 self.optimizer.zero_grad(set_to_none=True)
-                return self._nonfinite("gradient", terms)
+                return self._nonfinite("gradient", loss)
             bad = bad | bad_grads
         if self._device_skip and not self.scaler.is_enabled():
             self.optimizer.found_inf = bad.float()
@@ -453,40 +416,41 @@ class AAATrainer:
         else:
             self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.method.after_optimizer_step(batch, plan)
         ok = ~bad
-        self._epoch_loss_sum.index_add_(0, y, torch.where(ok, terms.per_sample_ce, 0).double())
+        self._epoch_loss_sum.index_add_(0, y, torch.where(ok, loss.per_sample_ce, 0).double())
         self._epoch_loss_count.index_add_(0, y, ok.double().expand(n))
-        a_rows = a.float() if isinstance(a, Tensor) else torch.full((n,), a, device=self.device)
-        b_rows = b.float() if isinstance(b, Tensor) else torch.full((n,), b, device=self.device)
+        a_rows = plan.a.float() if isinstance(plan.a, Tensor) else torch.full((n,), plan.a, device=self.device)
+        b_rows = plan.b.float() if isinstance(plan.b, Tensor) else torch.full((n,), plan.b, device=self.device)
         self.last_choice = (a_rows, b_rows)
-        values = {"loss": terms.total.detach(), "natural": terms.natural.detach(),
-                  "boundary": terms.boundary.detach(), "anti": terms.anti.detach(), "mean_eps": eps_rows.mean(),
+        meta_grad_norm = plan.meta_grad_norm
+        values = {"loss": loss.total.detach(), **{k: t.detach() for k, t in loss.terms.items()},
+                  "mean_eps": (batch.eps if plan.eps is None else plan.eps).mean(),
                   "frac_anti": (b_rows > a_rows).float().mean(),
                   "grad_band": (a_rows * (1 - a_rows) > GRAD_BAND).float().mean()}
-        stats = torch.stack([values[k].float() for k in STEP_STATS])
+        stats = torch.stack([values[k].float() for k in self.stat_names])
         meta_norm = meta_grad_norm.float() if meta_grad_norm is not None else stats.new_zeros(())
-        # in slot order: STEP_STATS (applied steps only), APPLIED, SKIPPED, META_NORM
+        # in slot order: stat_names (applied steps only), applied, skipped, meta-gradient norm
         self._stat_sums += torch.cat([torch.where(ok, stats, 0), ok.view(1), bad.view(1), meta_norm.view(1)]).double()
         self._meta_steps += meta_grad_norm is not None
         self._record_bad(bad)
         self.iteration += 1
         if meta_grad_norm is not None:
             values["meta_grad_norm"] = meta_grad_norm
-        return StepStats(dict(values, skipped=bad), dict(meta_step=meta_stepped, iteration=self.iteration))
+        return StepStats(dict(values, skipped=bad), dict(meta_step=meta_grad_norm is not None, iteration=self.iteration))
 
     def _record_bad(self, bad: Tensor) -> None:
         self._skipped_total += bad
         self._first_bad = torch.where(bad & (self._first_bad < 0), self.iteration, self._first_bad)
 
-    def _nonfinite(self, what: str, terms) -> StepStats:
+    def _nonfinite(self, what: str, loss) -> StepStats:
         """A non-finite step found on the host (no fused optimizer): raise, or skip and count it."""
         if not self.config.skip_nonfinite:
-            raise FloatingPointError(
-                f"non-finite training {what} at iteration {self.iteration} "
-                f"(loss terms: natural {terms.natural.item()}, boundary {terms.boundary.item()}, "
-                f"anti {terms.anti.item()}); no update was applied")
+            terms = ", ".join(f"{k} {t.item()}" for k, t in loss.terms.items())
+            raise FloatingPointError(f"non-finite training {what} at iteration {self.iteration} "
+                                     f"(loss terms: {terms}); no update was applied")
         self._skipped_total += 1
-        self._stat_sums[SKIPPED_SLOT] += 1
+        self._stat_sums[self._skipped_slot] += 1
         self.iteration += 1
         return StepStats({}, dict(loss=math.nan, skipped=True, iteration=self.iteration, meta_step=False))
 
@@ -497,7 +461,7 @@ class AAATrainer:
 
     def read_stats(self) -> dict:
         """The step statistics since the last call, in one host synchronisation: the means of
-        STEP_STATS over the applied steps, "steps" (applied), "skipped", "meta_steps" and
+        stat_names over the applied steps, "steps" (applied), "skipped", "meta_steps" and
         "meta_grad_norm" (mean over meta steps; None without one). Raises what the steps
         deferred: a batch outside the image box [0, 1] or with labels out of range
         (ValueError), a non-finite loss or gradient (FloatingPointError, unless skip_nonfinite;
@@ -510,8 +474,8 @@ class AAATrainer:
         self._seen_high.fill_(-math.inf)
         self._first_bad.fill_(-1)
         self._meta_steps = 0
-        sums, steps, skipped, meta_sum = host[:len(STEP_STATS)], *host[APPLIED_SLOT:META_NORM_SLOT + 1]
-        x_lo, y_lo, x_hi, y_hi, first_bad = host[META_NORM_SLOT + 1:]
+        sums, steps, skipped, meta_sum = host[:len(self.stat_names)], *host[self._applied_slot:self._meta_norm_slot + 1]
+        x_lo, y_lo, x_hi, y_hi, first_bad = host[self._meta_norm_slot + 1:]
         if x_lo < 0 or x_hi > 1:
             raise box_error("x", x_lo, x_hi, 0.0, 1.0)
         if y_lo < 0 or y_hi >= self.config.num_classes:
@@ -519,58 +483,10 @@ class AAATrainer:
         if first_bad >= 0 and not self.config.skip_nonfinite:
             raise FloatingPointError(f"non-finite training loss or gradient at iteration {int(first_bad)}; "
                                      "no update was applied in that step")
-        out = {key: value / steps if steps else math.nan for key, value in zip(STEP_STATS, sums)}
+        out = {key: value / steps if steps else math.nan for key, value in zip(self.stat_names, sums)}
         out.update(steps=int(steps), skipped=int(skipped), meta_steps=meta_steps,
                    meta_grad_norm=meta_sum / meta_steps if meta_steps else None)
         return out
-
-    @property
-    def _a_boundary(self) -> float | None:
-        return 1.0 if self.config.objective == "kl-all" else None
-
-    def _meta_step(self, x, y, features, pair, unprojected, x_meta, y_meta, u, v) -> Tensor:
-        """docs/METHOD.md steps 2-3: virtual SGD step on L(W; Omega), meta loss on the meta batch
-        (its own pair built against W, a = b = 1) plus the collapse guard, Adam step on Omega.
-        Returns the meta-gradient's norm (a 0-d tensor)."""
-        cfg = self.config
-        x_meta, y_meta = self._inputs(x_meta, y_meta, "meta batch")
-        n = x.shape[0]
-        meta_pair = self._pair(x_meta, y_meta, self._clean_logits(x_meta), self._row_bounds(y_meta))
-        meta_rows = [x_meta, meta_pair[:x_meta.shape[0]], meta_pair[x_meta.shape[0]:]]
-        # fp16 double-backward would need its own loss scaling: the lookahead runs in fp32 then
-        amp_dtype = None if self.amp_dtype == torch.float16 else self.amp_dtype
-
-        chosen = {}
-
-        def train_loss(forward) -> Tensor:
-            a, b, s = self.meta_net(features)
-            chosen["b"] = b
-            # meta bounds: gradient to them through the last projection
-            both = pair if s is None else self._meta_bounded_pair(unprojected, x, s)
-            logits = self._forward([x, both[:n], both[n:]], forward, amp_dtype)
-            return weighted_objective(y, logits[0], a=a, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
-                                      anti_logits=logits[2], b=b, a_boundary=self._a_boundary).total
-
-        def meta_loss(forward) -> Tensor:
-            logits = self._forward(meta_rows, forward, amp_dtype)
-            loss = weighted_objective(y_meta, logits[0], a=1.0, u=u, adv_logits=logits[1], v=v, lam=cfg.lam,
-                                      anti_logits=logits[2], b=1.0).total
-            if cfg.anti_cap < 1:
-                # the lookahead favours the easy anti term for every row; past the cap the
-                # guard's gradient (O(1/T)) outweighs it and pushes the share back
-                loss = loss + (chosen["b"].mean() - cfg.anti_cap).clamp_min(0)
-            return loss
-
-        self.model.train()
-        self.meta_net.train()
-        grads = meta_gradient(self.model, self.meta_net, self.optimizer, train_loss, meta_loss)
-        if self.grad_sync is not None:
-            self.grad_sync(grads)
-        self.meta_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip([p for p in self.meta_net.parameters() if p.requires_grad], grads):
-            p.grad = g
-        self.meta_optimizer.step()
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     # ------------------------------------------------------------------ epochs and state
     def reduce_epoch_losses(self, reduce_: Callable[[Tensor], None]) -> None:
@@ -590,6 +506,7 @@ class AAATrainer:
         self.class_loss_avg = torch.where(seen, avg.float(), self.class_loss_avg)
         self._epoch_loss_sum.zero_()
         self._epoch_loss_count.zero_()
+        self.method.end_epoch()
         if not fairness:
             return {}
         return self.update_fairness(x_meta, y_meta, classwise_nat_err=classwise_nat_err,
@@ -609,7 +526,7 @@ class AAATrainer:
             if x_meta is None or y_meta is None:
                 raise ValueError("fairness is on: pass the meta set (x_meta, y_meta) or the class-wise errors")
             result = classwise_accuracy(self.model, x_meta, y_meta, cfg.num_classes, eps=cfg.fairness_eval_eps,
-                                        steps=cfg.fairness_eval_steps, alpha=cfg.alpha, batch_size=batch_size,
+                                        steps=cfg.fairness_eval_steps, alpha=cfg.alpha, norm=cfg.norm, batch_size=batch_size,
                                         amp_dtype=self.amp_dtype, generator=self.generator)
             classwise_nat_err, classwise_bdy_err = result.nat_err, result.bdy_err
             out.update(result.summary())
@@ -632,6 +549,7 @@ class AAATrainer:
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "method_state": self.method.state_dict(),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -650,8 +568,10 @@ class AAATrainer:
                                  f"this trainer has {key}={getattr(self.config, key)!r}")
         # everything checked before anything changes: a refused state leaves the trainer as it was
         check_module_state("model", self.model, state.get("model"))
+        method_state = state.get("method_state", {})  # states saved before methods kept any have none
         if self.meta_net is not None:
             check_module_state("meta_net", self.meta_net, state.get("meta_net"))
+        self.method.load_state_dict(method_state)  # a method refuses a state it cannot take here
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._device_skip = self._prepare_device_skip(self.optimizer)  # the saved groups' "fused" wins
@@ -670,3 +590,4 @@ class AAATrainer:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+

@@ -31,6 +31,7 @@ from baselines.reference_aaa import reference_iteration  # noqa: E402
 from timing import timed_round_robin  # noqa: E402
 
 from aaa_fast import AAAConfig, AAATrainer, MetaNet  # noqa: E402
+from aaa_fast.methods import get_method  # noqa: E402
 from aaa_fast.models import build_model  # noqa: E402
 from aaa_fast.runtime import keep_cpu_memory  # noqa: E402
 
@@ -72,13 +73,13 @@ def main():
         torch.manual_seed(0)
         model = build_model(args.arch, in_channels=channels).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
-        meta = MetaNet().to(device) if method == "aaa" else None
+        meta = MetaNet().to(device) if get_method(method).uses_meta_net else None
         meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-4, fused=fused) if meta is not None else None
         config = AAAConfig(method=method, steps=args.steps, amp=args.amp, channels_last=args.channels_last,
                            compile=args.compile, **cfg)
         return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
 
-    baselines = {m: fresh(m) for m in ("erm", "pgd-at", "trades")}
+    baselines = {m: fresh(m) for m in ("erm", "pgd-at", "trades", "mart")}
     rows = timed_round_robin({m: (lambda t=t: t.step(x, y)) for m, t in baselines.items()}, device, args.repeats)
     aaa = fresh("aaa", meta_every=1)
     plain = fresh("aaa", meta_every=10**9)

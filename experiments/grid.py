@@ -32,12 +32,23 @@ CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt")
 WEIGHTS = "model.pt"
 
 
+def unique_keys(pairs: list) -> dict:
+    """json object hook: a key given twice (two methods of one name: the second would silently
+    replace the first) is an error."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"{key!r} is given twice in one object")
+        seen[key] = value
+    return seen
+
+
 def load_grid(path: str) -> dict:
     """The grid config, checked for the keys the runner and the report need."""
     try:
         with open(path) as f:
-            grid = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+            grid = json.load(f, object_pairs_hook=unique_keys)
+    except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot read grid config {path}: {exc}") from None
     for key, kind in (("out", str), ("seeds", list), ("common", list), ("scenarios", dict), ("methods", dict)):
         if not isinstance(grid.get(key), kind):
@@ -194,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(todo)}] {scenario} {method} seed {seed}: FAILED (exit {rc}), see {out}/train.log",
                   flush=True)
         else:
-            with open(os.path.join(out, "run.json"), "w") as f:
-                json.dump({"command": cmd[1:], "seconds": round(seconds, 1)}, f, indent=2)
+            from aaa_fast.checkpoint import write_json_atomic  # torch loads only when a run finished
+
+            write_json_atomic({"command": cmd[1:], "seconds": round(seconds, 1)}, os.path.join(out, "run.json"))
             if grid.get("keep_weights"):
                 keep_weights(out)
             if not args.keep_checkpoints:

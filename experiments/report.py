@@ -19,6 +19,10 @@ import sys
 
 from grid import load_grid, run_dir, runs_in
 
+from aaa_fast.checkpoint import atomic_write
+from aaa_fast.methods import get_method
+from aaa_fast.plots import save_figure
+
 METRICS = [("avg_nat_err", "avg nat"), ("worst_nat_err", "worst nat"), ("avg_bdy_err", "avg bdy"),
            ("worst_bdy_err", "worst bdy"), ("avg_rob_err", "avg rob"), ("worst_rob_err", "worst rob")]
 HEADLINE = ["avg_nat_err", "worst_nat_err", "avg_rob_err", "worst_rob_err"]
@@ -30,33 +34,57 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def collect(grid: dict) -> dict:
+def read_json(path: str, damaged: list[str]):
+    """The JSON at `path`, or None with '<path>: <reason>' added to `damaged` when it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not text
+        damaged.append(f"{path}: {type(exc).__name__}: {exc}")
+        return None
+
+
+def collect(grid: dict, damaged: list[str] | None = None) -> dict:
     """{(scenario, method): [final.json of each finished seed, with its metrics.csv rows under
     'epochs' (the first and last also as 'first_epoch' / 'last_epoch'), the runner's wall time
-    under 'seconds' and the training device under 'device']}"""
+    under 'seconds' and the training device under 'device']}. A run whose final.json cannot be
+    read or lacks a figure is left out and named in `damaged` (file and reason), as is an
+    unreadable run.json, config.json or metrics.csv beside a good final.json (its figures count)."""
+    damaged = [] if damaged is None else damaged
     runs = {}
     for scenario in grid["scenarios"]:
         for method in grid["methods"]:
-            finals = []
             if not runs_in(grid, scenario, method):
                 continue
+            finals = []
             for seed in grid["seeds"]:
                 out = run_dir(grid, scenario, method, seed)
-                if os.path.exists(os.path.join(out, "final.json")):
-                    with open(os.path.join(out, "final.json")) as f:
-                        finals.append(json.load(f))
-                    if os.path.exists(os.path.join(out, "run.json")):
-                        with open(os.path.join(out, "run.json")) as f:
-                            finals[-1]["seconds"] = json.load(f)["seconds"]
-                    if os.path.exists(os.path.join(out, "config.json")):
-                        with open(os.path.join(out, "config.json")) as f:
-                            finals[-1]["device"] = json.load(f).get("device", "?").split(":")[0]
-                    metrics = os.path.join(out, "metrics.csv")
-                    if os.path.exists(metrics):
+                path = os.path.join(out, "final.json")
+                if not os.path.exists(path) or (final := read_json(path, damaged)) is None:
+                    continue
+                missing = [k for k in (*dict(METRICS), "clean_acc", "pgd_acc")
+                           if not isinstance(final.get(k) if isinstance(final, dict) else None, (int, float))]
+                if missing:
+                    damaged.append(f"{path}: no {', '.join(missing)}")
+                    continue
+                finals.append(final)
+                if os.path.exists(os.path.join(out, "run.json")):
+                    if isinstance(run := read_json(os.path.join(out, "run.json"), damaged), dict) and "seconds" in run:
+                        final["seconds"] = run["seconds"]
+                if os.path.exists(os.path.join(out, "config.json")):
+                    if isinstance(config := read_json(os.path.join(out, "config.json"), damaged), dict):
+                        final["device"] = str(config.get("device", "?")).split(":")[0]
+                metrics = os.path.join(out, "metrics.csv")
+                if os.path.exists(metrics):
+                    try:
                         with open(metrics, newline="") as f:
                             epochs = list(csv.DictReader(f))
-                        finals[-1]["epochs"] = epochs
-                        finals[-1]["first_epoch"], finals[-1]["last_epoch"] = epochs[0], epochs[-1]
+                    except (OSError, ValueError, csv.Error) as exc:
+                        damaged.append(f"{metrics}: {type(exc).__name__}: {exc}")
+                        epochs = []
+                    if epochs:
+                        final["epochs"] = epochs
+                        final["first_epoch"], final["last_epoch"] = epochs[0], epochs[-1]
             runs[scenario, method] = finals
     return runs
 
@@ -71,18 +99,26 @@ def aggregate(runs: dict) -> dict:
     return agg
 
 
+def registry_role(spec) -> str:
+    """A grid method's role from the method its arguments run (aaa_fast.methods' registry)."""
+    args = spec["args"] if isinstance(spec, dict) else spec
+    name = args[args.index("--method") + 1] if "--method" in args else "aaa"  # the CLI's default
+    return get_method(name).role
+
+
 def roles(grid: dict) -> dict[str, list[str]]:
     """Which methods are AAA variants, adversarial baselines and controls: the config's "report"
-    entry when it has one, else by name (AAA*: variants; ERM: neither; the rest: baselines).
+    entry when it has one, else the role of the method each runs (the registry's: aaa, baseline,
+    control; ERM is none of them).
     "versus" names the AAA variants the best-minus-best table picks from (default: all of them), so
     a variant trained at another point of the trade-off, e.g. a smaller lambda than the baselines',
     cannot win the natural-error columns by giving up robustness."""
     given = grid.get("report", {})
-    methods = list(grid["methods"])
-    aaa = given.get("aaa", [m for m in methods if m.upper().startswith("AAA")])
-    baselines = given.get("baselines", [m for m in methods if m not in aaa and m.upper() != "ERM"])
+    role = {m: registry_role(spec) for m, spec in grid["methods"].items()}
+    aaa = given.get("aaa", [m for m, r in role.items() if r == "aaa"])
+    baselines = given.get("baselines", [m for m, r in role.items() if r == "baseline" and m not in aaa])
     return {"aaa": aaa, "versus": given.get("versus", aaa), "baselines": baselines,
-            "controls": given.get("controls", [])}
+            "controls": given.get("controls", [m for m, r in role.items() if r == "control" and m not in aaa])}
 
 
 def scenario_table(scenario: str, methods: list[str], agg: dict) -> list[str]:
@@ -213,7 +249,7 @@ def markdown(grid: dict, runs: dict, agg: dict) -> dict[str, str]:
     return {"": "\n".join(out).rstrip() + "\n", ":headline": "\n".join(head).rstrip() + "\n"}
 
 
-def collect_evaluations(grid: dict) -> dict:
+def collect_evaluations(grid: dict, damaged: list[str]) -> dict:
     """{(scenario, method): [the evaluation JSON (experiments/evaluate_grid.py) of each evaluated
     seed, with its masking report under 'masking' where one was written]}"""
     name = grid["evaluation"]["name"]
@@ -225,12 +261,13 @@ def collect_evaluations(grid: dict) -> dict:
             found = []
             for seed in grid["seeds"]:
                 out = run_dir(grid, scenario, method, seed)
-                if os.path.exists(os.path.join(out, f"{name}.json")):
-                    with open(os.path.join(out, f"{name}.json")) as f:
-                        found.append(json.load(f))
-                    if os.path.exists(os.path.join(out, "masking_report.json")):
-                        with open(os.path.join(out, "masking_report.json")) as f:
-                            found[-1]["masking"] = json.load(f)
+                path = os.path.join(out, f"{name}.json")
+                if not os.path.exists(path) or not isinstance(result := read_json(path, damaged), dict):
+                    continue
+                found.append(result)
+                if os.path.exists(os.path.join(out, "masking_report.json")):
+                    if isinstance(report := read_json(os.path.join(out, "masking_report.json"), damaged), dict):
+                        result["masking"] = report
             if found:
                 evals[scenario, method] = found
     return evals
@@ -334,15 +371,13 @@ def write_between_markers(path: str, tag: str, sections: dict[str, str]) -> None
     if not found:
         raise SystemExit(f"error: {path} has no '<!-- grid:{tag} begin -->' ... '<!-- grid:{tag} end -->' markers "
                          f"(or ':headline' ones) to put the tables between")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write(doc)
-    os.replace(tmp, path)
 
 
 def write_summary_csv(path: str, agg: dict) -> None:
     keys = [*dict(METRICS), "clean_acc", "pgd_acc"]
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["scenario", "method", "seeds", *[f"{k}_{s}" for k in keys for s in ("mean", "std")]])
         for (sc, m), v in agg.items():
@@ -382,7 +417,7 @@ def plot(grid: dict, runs: dict, agg: dict, figures: str, prefix: str) -> list[s
         fig.suptitle(title)
         fig.tight_layout()
         path = os.path.join(figures, f"{prefix}_{name}.png")
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path)
         plt.close(fig)
         return path
 
@@ -434,15 +469,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures", default=None, help="directory for the plots")
     args = p.parse_args(argv)
     grid = load_grid(args.config)
-    runs = collect(grid)
+    damaged: list[str] = []
+    runs = collect(grid, damaged)
     agg = aggregate(runs)
     if not agg:
         raise SystemExit(f"error: no finished runs under {grid['out']}")
     tag = os.path.basename(os.path.normpath(grid["out"]))
     text = markdown(grid, runs, agg)
-    if isinstance(grid.get("evaluation"), dict) and (evals := collect_evaluations(grid)):
+    if isinstance(grid.get("evaluation"), dict) and (evals := collect_evaluations(grid, damaged)):
         text[":attacks"] = evaluation_markdown(grid, evals)
         text[""] = text[":attacks"] + "\n" + text[""]
+    if damaged:
+        text[""] += ("\n**Damaged runs, not counted** (fix or rerun them): "
+                     + "; ".join(f"`{d}`" for d in damaged) + "\n")
+        for d in damaged:
+            print(f"warning: damaged run file {d}", file=sys.stderr)
     write_summary_csv(os.path.join(grid["out"], "summary.csv"), agg)
     for path in args.markdown:
         write_between_markers(path, tag, text)

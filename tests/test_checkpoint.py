@@ -47,3 +47,33 @@ def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["final.json"]  # no temp left
     with pytest.raises(OSError, match="cannot write .*missing.final.json"):
         write_json_atomic({"a": 1}, str(tmp_path / "missing" / "final.json"))
+
+
+def test_metrics_csv_and_plots_are_written_atomically(tmp_path):
+    """The run's other files go through atomic_write too: a writer that fails half-way (here a CSV
+    row the writer refuses, a figure that cannot be drawn) leaves the previous file whole."""
+    import csv
+
+    from aaa_fast.checkpoint import atomic_write
+    from aaa_fast.plots import save_figure
+
+    path = tmp_path / "metrics.csv"
+    with atomic_write(str(path), newline="") as f:
+        csv.DictWriter(f, fieldnames=["epoch"]).writerows([{"epoch": 1}])
+    with pytest.raises(ValueError):
+        with atomic_write(str(path), newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch"])
+            writer.writerow({"epoch": 2})
+            writer.writerow({"loss": 0.5})  # not a field: DictWriter raises ValueError
+    assert path.read_text() == "1\n"
+
+    class Broken:
+        def savefig(self, f, **kw):
+            f.write(b"\x89PNG half")
+            raise RuntimeError("renderer failed")
+
+    png = tmp_path / "curves.png"
+    png.write_bytes(b"old plot")
+    with pytest.raises(RuntimeError):
+        save_figure(Broken(), str(png))
+    assert png.read_bytes() == b"old plot" and sorted(os.listdir(tmp_path)) == ["curves.png", "metrics.csv"]

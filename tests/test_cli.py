@@ -13,6 +13,8 @@ import torch
 
 from helpers import ENV, QUICK
 
+from aaa_fast.methods import get_method, method_names
+
 pytestmark = pytest.mark.slow  # subprocess runs of the CLI: minutes in all
 
 
@@ -24,10 +26,11 @@ def run_cli(args, check=True, **kw):
     return out
 
 
-@pytest.mark.parametrize("method", ["erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa"])
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_end_to_end(tmp_path, data_dir, method):
     out = tmp_path / method
-    res = run_cli([*QUICK, "--data-dir", data_dir, "--method", method, "--out", str(out)])
+    noise = ["--label-noise", "uniform", "--noise-rate", "0.2"] if get_method(method).needs_corrupted else []
+    res = run_cli([*QUICK, "--data-dir", data_dir, "--method", method, *noise, "--out", str(out)])
     for name in ("config.json", "metrics.csv", "final.json", "checkpoint.pt", "best.pt", "curves.png", "classwise.png"):
         assert (out / name).exists(), name
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -75,7 +78,7 @@ def test_torchrun_two_gloo_processes(tmp_path, data_dir):
     (["--noise-rate", "1.0"], "--noise-rate: must be < 1"),
     (["--imbalance-factor", "0.5"], "--imbalance-factor/--imbalance-ratio: must be >= 1"),
     (["--arch", "vgg"], "invalid choice: 'vgg'"),
-    (["--method", "mart"], "invalid choice: 'mart'"),
+    (["--method", "madry"], "invalid choice: 'madry'"),
     (["--dataset", "svhn"], "invalid choice: 'svhn'"),
     (["--eps", "nan"], "expected a finite number"),
 ])

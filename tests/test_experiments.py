@@ -175,6 +175,11 @@ def test_grid_rejects_bad_configs_and_names(tmp_path, data_dir):
     assert res.returncode != 0 and "unknown methods ['PGD']" in res.stderr
     (tmp_path / "broken.json").write_text("{")
     assert "cannot read grid config" in run_grid(str(tmp_path / "broken.json")).stderr
+    twice = tmp_path / "twice.json"  # two methods of one name: json.load would keep only the second
+    twice.write_text('{"out": "x", "seeds": [0], "common": [], "scenarios": {"s": []}, '
+                     '"methods": {"TRADES": ["--method", "trades"], "TRADES": ["--method", "frl"]}}')
+    res = run_grid(str(twice))
+    assert res.returncode != 0 and "'TRADES' is given twice in one object" in res.stderr
 
 
 def test_hot_start_stage_is_shared_and_methods_can_be_limited_to_scenarios(tmp_path, data_dir):
@@ -241,7 +246,8 @@ def fake_final(nat, bdy, classwise_pgd):
 def finished_grid(tmp_path):
     cfg = {"out": str(tmp_path / "res" / "toy"), "seeds": [0, 1, 2], "common": [],
            "scenarios": {"clean": [], "noisy": ["--label-noise", "uniform"]},
-           "methods": {"ERM": [], "TRADES": [], "FRL": [], "AAA-meta": []}}
+           "methods": {"ERM": ["--method", "erm"], "TRADES": ["--method", "trades"], "FRL": ["--method", "frl"],
+                       "AAA-meta": ["--method", "aaa"]}}
     (tmp_path / "toy.json").write_text(json.dumps(cfg))
     values = {  # (scenario, method): avg natural error of seeds 0, 1, 2 (other fields derived)
         ("clean", "ERM"): [10, 12, 14], ("clean", "TRADES"): [20, 22, 24], ("clean", "FRL"): [21, 21, 21],
@@ -258,6 +264,26 @@ def finished_grid(tmp_path):
                 (run / "metrics.csv").write_text(f"epoch,frac_anti,mean_eps\n1,{[0.9, 0.5, 1.0][seed]},0.5\n"
                                                  f"2,{0.1 * (seed + 1)},{0.1 + 0.01 * seed}\n")
     return str(tmp_path / "toy.json")
+
+
+def test_report_names_damaged_runs_and_reports_the_rest(finished_grid, tmp_path, capsys):
+    root = tmp_path / "res" / "toy"
+    (root / "clean" / "TRADES" / "seed0" / "final.json").write_text('{"avg_nat_err": 2')  # truncated
+    (root / "clean" / "TRADES" / "seed1" / "final.json").write_text('{"clean_acc": 80.0}')  # no figures
+    (root / "clean" / "FRL" / "seed0" / "run.json").write_bytes(b"\xff\xfe")  # not text
+    (root / "clean" / "AAA-meta" / "seed0" / "metrics.csv").write_bytes(b"epoch,frac_anti\n\x00\xff\n")
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("<!-- grid:toy begin -->\n<!-- grid:toy end -->\n")
+    assert report.main([finished_grid, "--markdown", str(doc)]) == 0
+    text = doc.read_text()
+    trades = next(line for line in text.splitlines() if line.startswith("| TRADES |"))
+    assert trades.startswith("| TRADES | 24.0 |")  # seed 2 alone (its natural error 24)
+    assert "**Damaged runs, not counted**" in text
+    for name, reason in [("clean/TRADES/seed0/final.json", "JSONDecodeError"),
+                         ("clean/TRADES/seed1/final.json", "no avg_nat_err"),
+                         ("clean/FRL/seed0/run.json", "UnicodeDecodeError")]:
+        assert name in text and reason in text.split(name, 1)[1].split("`")[0], name
+    assert "damaged run file" in capsys.readouterr().err
 
 
 def test_report_tables_match_hand_computed_statistics(finished_grid, tmp_path):
@@ -298,7 +324,7 @@ def test_report_headline_picks_only_the_versus_variants(finished_grid, tmp_path)
     # best-minus-best table (it would win the natural columns by giving up robustness), not out of
     # the per-scenario table
     cfg = grid_mod.load_grid(finished_grid)
-    cfg["methods"]["AAA-low-lam"] = []
+    cfg["methods"]["AAA-low-lam"] = ["--method", "aaa", "--lam", "0.5"]
     cfg["report"] = {"aaa": ["AAA-meta", "AAA-low-lam"], "versus": ["AAA-meta"], "baselines": ["TRADES", "FRL"]}
     (tmp_path / "toy.json").write_text(json.dumps(cfg))
     for seed in range(3):
@@ -331,12 +357,14 @@ def test_report_one_seed_cells_show_no_spread():
 
 
 def test_report_roles_and_mechanism_table_by_hand():
-    grid = {"methods": {"TRADES": [], "AAA": [], "Oracle": [], "ERM": []},
+    grid = {"methods": {"TRADES": ["--method", "trades"], "AAA": ["--method", "aaa"],
+                        "Oracle": {"args": ["--method", "aaa-oracle"]}, "ERM": ["--method", "erm"]},
             "report": {"aaa": ["AAA"], "baselines": ["TRADES"], "controls": ["Oracle"]}}
     assert report.roles(grid) == {"aaa": ["AAA"], "versus": ["AAA"], "baselines": ["TRADES"],
                                   "controls": ["Oracle"]}
+    # without a "report" entry: the role of the method each runs (the registry's)
     assert report.roles({"methods": grid["methods"]}) == {"aaa": ["AAA"], "versus": ["AAA"],
-                                                          "baselines": ["TRADES", "Oracle"], "controls": []}
+                                                          "baselines": ["TRADES"], "controls": ["Oracle"]}
 
     def last(corrupted, clean, auroc, band):
         return {"last_epoch": {"anti_share_corrupted": corrupted, "anti_share_clean": clean,

@@ -418,3 +418,16 @@ def test_evaluate_refuses_data_other_than_the_runs(tmp_path):
     res = subprocess.run([*evaluate, "--allow-other-data", "--json", str(tmp_path / "e.json")], capture_output=True,
                          text=True, env=ENV, timeout=300)
     assert res.returncode == 0 and json.loads((tmp_path / "e.json").read_text())["other_data"] is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("cli", ["train", "evaluate"])
+def test_device_cuda_without_cuda_is_refused_before_anything_is_read(cli, tmp_path):
+    import importlib
+
+    main = importlib.import_module(f"aaa_fast.{cli}").main
+    argv = (["--device", "cuda", "--out", str(tmp_path / "run")] if cli == "train"
+            else ["--device", "cuda", "--checkpoint", str(tmp_path / "missing" / "model.pt")])
+    with pytest.raises(SystemExit, match="--device cuda but no CUDA device is available.*use --device cpu"):
+        main(argv)
+    assert os.listdir(tmp_path) == []

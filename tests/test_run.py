@@ -14,8 +14,6 @@ from aaa_fast.trainer import AAAConfig, make_meta_net, make_meta_optimizer
 BALANCED = torch.full((10,), 100)
 # AAAConfig fields the run derives rather than reads from a flag of the same name
 DERIVED = {"num_classes", "class_share", "fairness_eval_eps", "fairness_eval_steps"}
-# library-only settings: no flag (the CLI runs them at their defaults)
-LIBRARY_ONLY = {"adv_loss", "norm", "s_min", "s_max", "fixed_weights", "tau", "rho1", "rho2"}
 
 
 def cli_config(*flags: str) -> AAAConfig:
@@ -27,13 +25,15 @@ def cli_config(*flags: str) -> AAAConfig:
     ("erm", 8 / 255, 6.0, "fixed", False), ("pgd-at", 8 / 255, 6.0, "fixed", False),
     ("trades", 8 / 255, 6.0, "fixed", False), ("frl", 8 / 255, 6.0, "remargin", True),
     ("aaa", 10 / 255, 1.5, "remargin", True), ("aaa-fixed", 10 / 255, 1.5, "remargin", True),
+    ("aaa-oracle", 10 / 255, 1.5, "remargin", True), ("mart", 8 / 255, 6.0, "fixed", False),
 ])
 def test_per_method_defaults(method, eps, lam, bound_mode, fairness):
     config = AAAConfig(method=method)
     assert (config.eps, config.alpha, config.lam) == (eps, eps / 4, lam)
     assert (config.bound_mode, config.fairness) == (bound_mode, fairness)
     # the CLI resolves the same defaults (CIFAR-10: no data set bound of its own)
-    assert cli_config("--method", method) == dataclasses.replace(config, class_share=[0.1] * 10)
+    noise = ["--label-noise", "uniform", "--noise-rate", "0.2"] if method == "aaa-oracle" else []
+    assert cli_config("--method", method, *noise) == dataclasses.replace(config, class_share=[0.1] * 10)
 
 
 def test_given_values_win_over_defaults():
@@ -57,20 +57,23 @@ def test_fashion_mnist_bound_is_the_data_sets():
 def test_every_config_field_has_a_flag_or_a_stated_reason():
     args = vars(build_parser().parse_args([]))
     fields = {f.name for f in dataclasses.fields(AAAConfig)}
-    assert fields - set(args) == DERIVED | LIBRARY_ONLY
+    assert fields - set(args) == DERIVED
     # each mapped flag reaches the config: a non-default value on the command line is the config's value
     config = cli_config("--method", "aaa", "--eps", "0.2", "--alpha", "0.03", "--steps", "4", "--lam", "2",
                         "--bound-mode", "meta", "--no-fairness", "--objective", "paper", "--meta-init", "reference",
                         "--temperature", "0.3", "--anti-cap", "0.7", "--meta-every", "7", "--meta-lr", "0.01",
                         "--meta-weight-decay", "0", "--meta-hidden", "16", "--meta-start-a", "0.6", "--amp", "bf16",
                         "--channels-last", "--compile", "--no-cuda-graphs", "--seed", "3", "--skip-nonfinite",
-                        "--eval-eps", "0.05", "--eval-steps", "5")
+                        "--eval-eps", "0.05", "--eval-steps", "5", "--norm", "l2", "--adv-loss", "ce", "--s-min",
+                        "0.25", "--s-max", "1.5", "--fixed-weights", "0.3", "0.7", "--tau", "0.1", "--rho1", "0.02",
+                        "--rho2", "0.3")
     assert dataclasses.asdict(config) == dict(
         dataclasses.asdict(AAAConfig()), method="aaa", eps=0.2, alpha=0.03, steps=4, lam=2.0, bound_mode="meta",
         fairness=False, objective="paper", meta_init="reference", temperature=0.3, anti_cap=0.7, meta_every=7,
         meta_lr=0.01, meta_weight_decay=0.0, meta_hidden=16, meta_start_a=0.6, amp="bf16", channels_last=True,
         compile=True, cuda_graphs=False, seed=3, skip_nonfinite=True, fairness_eval_eps=0.05, fairness_eval_steps=5,
-        class_share=[0.1] * 10)
+        class_share=[0.1] * 10, norm="l2", adv_loss="ce", s_min=0.25, s_max=1.5, fixed_weights=(0.3, 0.7), tau=0.1,
+        rho1=0.02, rho2=0.3)
 
 
 def test_meta_net_and_optimizer_follow_the_config():

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import aaa_fast
 from aaa_fast import AAAConfig, AAATrainer, MetaNet
+from aaa_fast.methods import get_method, method_names
 from aaa_fast.objective import sample_features
 from aaa_fast.trainer import make_meta_net
 from aaa_fast.models import build_model
@@ -34,7 +35,7 @@ def make_trainer(method="aaa", seed=0, classes=4, meta_net=None, **cfg):
     model = small_cnn(seed, classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     config = AAAConfig(method=method, num_classes=classes, steps=cfg.pop("steps", 3), **cfg)
-    if method == "aaa" and meta_net is None:
+    if get_method(method).uses_meta_net and meta_net is None:
         meta_net = make_meta_net(config, seed=seed + 100)
     meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-3, weight_decay=5e-4) if meta_net is not None else None
     return AAATrainer(model, opt, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
@@ -70,12 +71,13 @@ def test_pgd_at_step_equals_perturb_then_sgd():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("method", ["erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa"])
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_learns_the_toy_problem(method):
     x, y = toy_problem(48)
     x_meta, y_meta = toy_problem(8, seed=1)
+    corrupted = torch.arange(48) % 5 == 0  # the oracle's corrupted rows (the labels are clean: it still learns)
     trainer = make_trainer(method, eps=0.05, alpha=0.02, meta_every=2)
-    losses = [trainer.step(x, y, x_meta, y_meta)["loss"] for _ in range(12)]
+    losses = [trainer.step(x, y, x_meta, y_meta, corrupted=corrupted)["loss"] for _ in range(12)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
     with torch.no_grad():
@@ -159,9 +161,9 @@ def test_fairness_update_at_epoch_end_changes_class_weights_and_margins():
     trainer = make_trainer("frl", eps=0.05)
     trainer.step(x, y)
     trainer.end_epoch(classwise_nat_err=[0.0, 0.0, 0.5, 0.0], classwise_bdy_err=[0.6, 0.0, 0.0, 0.0])
-    u, v = trainer._class_weights()
+    u, v = trainer.class_weights
     assert u.argmax() == 2 and v.argmax() == 0
-    assert trainer._row_bounds(torch.tensor([0, 1]))[0] > trainer._row_bounds(torch.tensor([0, 1]))[1]
+    assert trainer.row_bounds(torch.tensor([0, 1]))[0] > trainer.row_bounds(torch.tensor([0, 1]))[1]
     # feature 2: this epoch's class losses replaced the initial 5.0
     assert (trainer.class_loss_avg < 5.0).all()
 
@@ -191,7 +193,9 @@ def test_amp_and_channels_last(amp):
 @pytest.mark.parametrize("kwargs,text", [
     (dict(method="sgd"), "method must be one of"),
     (dict(bound_mode="wide"), "bound_mode must be one of"),
-    (dict(method="trades", bound_mode="meta"), "needs method='aaa'"),
+    (dict(method="trades", bound_mode="meta"), r"needs a method whose meta-network gives the bounds \(\['aaa'\]\)"),
+    (dict(s_min=0.5, s_max=0.4), "0 < s_min <= s_max"),
+    (dict(method="mart", fairness=True), "method='mart' has no class-weighted form"),
     (dict(eps=-1.0), "eps must be finite and >= 0"),
     (dict(meta_every=0), "meta_every must be an int >= 1"),
     (dict(amp="fp8"), "amp must be one of"),
@@ -272,7 +276,7 @@ def test_first_meta_step_moves_the_trades_init():
     x, y = toy_problem(32)
     x_meta, y_meta = toy_problem(16, seed=1)
     trainer = make_trainer("aaa", meta_every=1)
-    features = sample_features(trainer._clean_logits(trainer._inputs(x, y)[0]), y, trainer.class_loss_avg,
+    features = sample_features(trainer.clean_logits(trainer.inputs(x, y)[0]), y, trainer.class_loss_avg,
                                trainer.class_share)
     with torch.no_grad():
         a_before, _, _ = trainer.meta_net.train()(features)
@@ -299,7 +303,7 @@ def test_collapse_guard_adds_the_gradient_of_the_excess_anti_share():
         meta_net = MetaNet(start_a=0.1)  # every row starts on the anti side: mean b ~ 0.9
         trainer = make_trainer("aaa", meta_net=meta_net, meta_every=1, anti_cap=cap)
         if cap == 0.5:
-            features = sample_features(trainer._clean_logits(trainer._inputs(x, y)[0]), y, trainer.class_loss_avg,
+            features = sample_features(trainer.clean_logits(trainer.inputs(x, y)[0]), y, trainer.class_loss_avg,
                                        trainer.class_share)
             twin = copy.deepcopy(meta_net).train()
             _, b, _ = twin(features)
@@ -392,13 +396,13 @@ def fused_trainer(method, device, **cfg):
     model = build_model("small-cnn", in_channels=1, num_classes=4).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, fused=True)
     config = AAAConfig(method=method, num_classes=4, steps=2, meta_every=1, eps=0.1, alpha=0.05, **cfg)
-    meta = make_meta_net(config, seed=1) if method == "aaa" else None
+    meta = make_meta_net(config, seed=1) if get_method(method).uses_meta_net else None
     meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-3, fused=True) if meta is not None else None
     return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["erm", "pgd-at", "trades", "frl", "aaa-fixed", "aaa", "aaa-oracle"])
+@pytest.mark.parametrize("method", method_names())
 def test_a_training_step_makes_no_host_synchronisation(method, device, monkeypatch):
     x, y = (t.to(device) for t in toy_problem(16))
     x_meta, y_meta = (t.to(device) for t in toy_problem(8, seed=1))
@@ -427,7 +431,7 @@ def test_read_stats_are_the_means_of_the_steps():
     trainer.config.meta_every = 2
     steps = [dict(trainer.step(x, y, x_meta, y_meta)) for _ in range(3)]
     read = trainer.read_stats()
-    for key in aaa_fast.trainer.STEP_STATS:
+    for key in trainer.stat_names:
         assert read[key] == pytest.approx(sum(s[key] for s in steps) / 3, rel=1e-6), key
     assert read["meta_steps"] == 2 and read["steps"] == 3 and read["skipped"] == 0
     assert read["meta_grad_norm"] == pytest.approx((steps[0]["meta_grad_norm"] + steps[2]["meta_grad_norm"]) / 2)
