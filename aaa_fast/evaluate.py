@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     model.eval()
     print(f"evaluating {args.checkpoint} (epoch {state.get('epoch')}) on "
           f"{run.test_subset or data.test_y.shape[0]} test images, fp32", file=sys.stderr, flush=True)
-    result, aa = final_evaluation_points(model, data, EvalConfig.of_run(run), device, progress=True)
+    cfg = EvalConfig.of_run(run)
+    result, aa = final_evaluation_points(model, data, cfg, device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
                   eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
                   epoch=state.get("epoch"), other_data=other_data)
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
 
         x, y = final_test_set(data, run.test_subset, device)
         report = masking_report(model, x, y, eps=run.eval_eps, num_classes=data.num_classes, seed=run.seed,
-                                norm=getattr(run, "norm", "linf"),
+                                norm=cfg.norm,
                                 device=device, progress=True, autoattack_result=aa)
         report.update(checkpoint=args.checkpoint, method=run.method, arch=run.arch, dataset=run.dataset)
         print(write_masking_report(report, report_path, title=f"{run.method}, {run.dataset} ({run.arch})"))

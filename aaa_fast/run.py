@@ -26,7 +26,7 @@ from .evaluation import (EvalConfig, check_test_subset, evaluate_split, final_ev
                          model_for)
 from .plots import PlotInfo, make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
-from .methods import get_method
+from .methods import get_method, step_stat_names
 from .trainer import CONFIG_DEFAULTS, AAAConfig, AAATrainer, make_meta_net, make_meta_optimizer
 
 # every random stream of a run is drawn from --seed plus a fixed offset (the model's initial
@@ -44,11 +44,11 @@ def csv_name(method: str, stat: str) -> str:
     return f"{stat}_loss" if stat in get_method(method).terms else stat
 
 
-def metric_fields(stat_names, method: str) -> list[str]:
+def metric_fields(method: str) -> list[str]:
     """metrics.csv's columns: the trainer's step statistics averaged over an epoch's steps
     (frac_anti: share of rows with b > a; grad_band: share with a(1 - a) > 1e-3), meta_grad_norm
     (mean over its meta steps), what the meta-network chose per group, the evaluation."""
-    return ["epoch", "lr", *[csv_name(method, k) for k in stat_names], "meta_grad_norm", *GROUP_FIELDS, "skipped",
+    return ["epoch", "lr", *[csv_name(method, k) for k in step_stat_names(method)], "meta_grad_norm", *GROUP_FIELDS, "skipped",
             "test_clean_acc", "test_pgd_acc", "seconds"]
 
 
@@ -414,7 +414,7 @@ class Run:
         if not self.ranks.is_main:
             return
         with atomic_write(os.path.join(args.out, "metrics.csv"), newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=metric_fields(self.trainer.stat_names, args.method))
+            writer = csv.DictWriter(f, fieldnames=metric_fields(args.method))
             writer.writeheader()
             writer.writerows(self.history)
         if self.board is not None:

@@ -34,7 +34,7 @@ from .attack import AttackGraphs, attack_rows, build_pair
 from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet
-from .methods import Batch, get_method, method_names
+from .methods import DEFAULTS, Batch, get_method, method_names, step_stat_names
 from .model_io import (AMP, autocast, box_error, check_in_box, check_label_dtype, check_labels, eval_mode, label_error,
                        predict, unit_float)
 from .objective import INITIAL_CLASS_LOSS, OBJECTIVES
@@ -42,16 +42,6 @@ from .objective import INITIAL_CLASS_LOSS, OBJECTIVES
 INIT_ANTI_CAP = {"trades": 0.5, "reference": 1.0}
 GRAD_BAND = 1e-3  # a row whose a(1 - a) is above this still gets a meta-gradient (diagnostics)
 BOUND_MODES = ("fixed", "remargin", "meta")
-# per-step statistics besides the method's loss terms: the anti-adversarial share (rows with
-# b > a), the share of rows inside the gradient band and the mean bound
-ROW_STATS = ("frac_anti", "grad_band", "mean_eps")
-
-
-def step_stat_names(method: str) -> tuple[str, ...]:
-    """StepStats keys and read_stats means of a method: the total loss, its terms, ROW_STATS."""
-    return ("loss", *get_method(method).terms, *ROW_STATS)
-
-
 class StepStats(Mapping):
     """One step's statistics, kept on the device: reading any value copies them all to the host
     at once (one synchronisation), so a loop that never reads them never waits for the GPU.
@@ -86,7 +76,7 @@ def fill_defaults(settings, *, default_eps: float | None = None) -> None:
     `defaults`, else methods.base.DEFAULTS), eps from `default_eps` (a data set's) when given;
     alpha: eps / 4; temperature and anti_cap: those of settings.meta_init."""
     method = get_method(settings.method)
-    defaults = {key: method.default(key) for key in ("eps", "lam", "bound_mode", "fairness")}
+    defaults = {key: method.default(key) for key in DEFAULTS}
     if default_eps is not None:
         defaults["eps"] = default_eps
     defaults.update(temperature=INIT_TEMPERATURE[settings.meta_init], anti_cap=INIT_ANTI_CAP[settings.meta_init])

@@ -17,11 +17,12 @@ import math
 import os
 import sys
 
-from grid import load_grid, run_dir, runs_in
+from grid import load_grid, method_spec, run_dir, runs_in
 
 from aaa_fast.checkpoint import atomic_write
 from aaa_fast.methods import get_method
 from aaa_fast.plots import save_figure
+from aaa_fast.train import build_parser
 
 METRICS = [("avg_nat_err", "avg nat"), ("worst_nat_err", "worst nat"), ("avg_bdy_err", "avg bdy"),
            ("worst_bdy_err", "worst bdy"), ("avg_rob_err", "avg rob"), ("worst_rob_err", "worst rob")]
@@ -99,11 +100,11 @@ def aggregate(runs: dict) -> dict:
     return agg
 
 
-def registry_role(spec) -> str:
-    """A grid method's role from the method its arguments run (aaa_fast.methods' registry)."""
-    args = spec["args"] if isinstance(spec, dict) else spec
-    name = args[args.index("--method") + 1] if "--method" in args else "aaa"  # the CLI's default
-    return get_method(name).role
+def registry_role(grid: dict, method: str) -> str:
+    """A grid method's role: that of the --method its arguments run, as the training CLI parses
+    them (aaa_fast.methods' registry)."""
+    args = method_spec(grid, method)["args"]
+    return get_method(build_parser().parse_known_args(args)[0].method).role
 
 
 def roles(grid: dict) -> dict[str, list[str]]:
@@ -114,7 +115,7 @@ def roles(grid: dict) -> dict[str, list[str]]:
     a variant trained at another point of the trade-off, e.g. a smaller lambda than the baselines',
     cannot win the natural-error columns by giving up robustness."""
     given = grid.get("report", {})
-    role = {m: registry_role(spec) for m, spec in grid["methods"].items()}
+    role = {m: registry_role(grid, m) for m in grid["methods"]}
     aaa = given.get("aaa", [m for m, r in role.items() if r == "aaa"])
     baselines = given.get("baselines", [m for m, r in role.items() if r == "baseline" and m not in aaa])
     return {"aaa": aaa, "versus": given.get("versus", aaa), "baselines": baselines,

@@ -9,24 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from aaa_fast import AAAConfig, AAATrainer
-from aaa_fast.methods import Method, Plan, StepLoss, base, get_method, method_names, register_method
+from aaa_fast.methods import Method, Plan, StepLoss, base, get_method, method_names, register_method, step_stat_names
 from aaa_fast.models import build_model
-from aaa_fast.trainer import make_meta_net, step_stat_names
 
-from test_trainer import toy_problem
+from test_trainer import make_trainer, toy_problem
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "aaa_fast"
 
 
 def trainer_for(method, device="cpu", seed=0, **cfg):
-    torch.manual_seed(seed)
-    model = build_model("small-cnn", in_channels=1, num_classes=4).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    config = AAAConfig(method=method, num_classes=4, steps=2, meta_every=2, eps=0.1, alpha=0.05, **cfg)
-    meta = make_meta_net(config, seed=seed + 1) if get_method(method).uses_meta_net else None
-    meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-3) if meta is not None else None
-    return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
+    return make_trainer(method, seed=seed, device=device, **{"steps": 2, "meta_every": 2, "eps": 0.1, "alpha": 0.05, **cfg})
 
 
 def batches(device="cpu"):

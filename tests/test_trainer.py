@@ -31,8 +31,8 @@ def toy_problem(n=32, classes=4, seed=0):
     return x.clamp(0, 1), y
 
 
-def make_trainer(method="aaa", seed=0, classes=4, meta_net=None, **cfg):
-    model = small_cnn(seed, classes)
+def make_trainer(method="aaa", seed=0, classes=4, meta_net=None, device="cpu", **cfg):
+    model = small_cnn(seed, classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     config = AAAConfig(method=method, num_classes=classes, steps=cfg.pop("steps", 3), **cfg)
     if get_method(method).uses_meta_net and meta_net is None:

@@ -30,6 +30,9 @@ ROLES = ("aaa", "baseline", "control", "reference")
 
 # the shared settings a method may give its own default (AAAConfig fields left at None)
 DEFAULTS = dict(eps=8 / 255, lam=6.0, bound_mode="fixed", fairness=False)
+# per-step statistics the engine adds to a method's loss terms: the anti-adversarial share (rows
+# with b > a), the share of rows inside the gradient band and the mean bound
+ROW_STATS = ("frac_anti", "grad_band", "mean_eps")
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -150,7 +153,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     if unknown:
         raise ValueError(f"{cls.__name__}.defaults has no shared setting {sorted(unknown)}; they are {sorted(DEFAULTS)}")
     for term in cls.terms:
-        if not term.isidentifier() or term in ("loss", "frac_anti", "grad_band", "mean_eps"):
+        if not term.isidentifier() or term in ("loss", *ROW_STATS):
             raise ValueError(f"{cls.__name__}.terms: {term!r} is not a usable term name")
     _REGISTRY[name] = cls
     return cls
@@ -163,14 +166,20 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"method must be one of {method_names()}, got {name!r}") from None
 
 
+def step_stat_names(method: str) -> tuple[str, ...]:
+    """StepStats keys and read_stats means of a method: the total loss, its terms, ROW_STATS."""
+    return ("loss", *get_method(method).terms, *ROW_STATS)
+
+
 def method_names() -> tuple[str, ...]:
     """Every registered method, in registration order (the CLI's --method choices)."""
     return tuple(_REGISTRY)
 
 
-def defaults_help(key: str, show=None) -> str:
+def defaults_help(key: str) -> str:
     """'8/255 for erm, trades, ...; 10/255 for aaa, ...': a shared setting's default per method."""
-    show = show or (lambda v: f"{round(v * 255)}/255" if key == "eps" else str(v))
+    def show(v):
+        return f"{round(v * 255)}/255" if key == "eps" else str(v)
     by_value: dict = {}
     for name, cls in _REGISTRY.items():
         by_value.setdefault(cls.default(key), []).append(name)
