@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model_io import autocast, check_in_box, check_labels, eval_mode, predict
+from .model_io import autocast, check_in_box, check_label_dtype, check_labels, check_logits, eval_mode, predict
 from .objective import per_sample_ce, upcast
 from .ops import launch_pgd_step_, per_sample, prepare_step_args, uniform_start, unprojected_step
 
@@ -45,8 +45,9 @@ def _check_inputs(model: nn.Module, x, y, steps, norm: str, random_start, amp_dt
         raise ValueError(f"x must have shape (N, ...) with N samples, got shape {tuple(x.shape)}")
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a tensor, got {type(y).__name__}")
-    if y.shape[:1] != x.shape[:1]:
-        raise ValueError(f"y has {y.shape[0] if y.dim() else 0} rows but x has {x.shape[0]}")
+    check_label_dtype(y)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows but x has {x.shape[0]}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
     param = next(model.parameters(), None)
@@ -97,7 +98,7 @@ def run_pgd(model: nn.Module, x_nat: Tensor, x_start: Tensor, y: Tensor, loss_fn
         with autocast(x_nat.device, amp_dtype, autocast_cache):
             logits = model(x_adv)
         if validate_labels:
-            check_labels(y, logits.shape[1])
+            check_labels(y, check_logits(logits, x_adv.shape[0]).shape[1])
             validate_labels = False
         loss = loss_fn(logits, y)
         if loss.shape != x_adv.shape[:1]:
@@ -217,6 +218,7 @@ def perturb(model: nn.Module, x: Tensor, y: Tensor, *, direction=1, eps=8 / 255,
     """
     _check_inputs(model, x, y, steps, norm, random_start, amp_dtype)
     check_in_box(x, lo, hi)
+    y = y.long()
     if loss_fn is None and loss not in ("ce", "kl"):
         raise ValueError(f"loss must be 'ce' or 'kl' (or pass loss_fn), got {loss!r}")
     if loss_fn is not None and not callable(loss_fn):
@@ -265,6 +267,7 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
     """
     _check_inputs(model, x, y, steps, norm, random_start, amp_dtype)
     check_in_box(x, lo, hi)
+    y = y.long()
     if adv_loss not in ("kl", "ce"):
         raise ValueError(f"adv_loss must be 'kl' or 'ce', got {adv_loss!r}")
     n, device = x.shape[0], x.device

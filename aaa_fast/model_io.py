@@ -33,11 +33,25 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = 
     return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
 
 
-def predict(model: nn.Module, x: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
+def predict(model: nn.Module, x: Tensor, amp_dtype: torch.dtype | None = None, num_classes: int | None = None) -> Tensor:
     """Logits without autograd, under autocast: every prediction outside training. The caller
     holds the model in eval_mode (once around its loop, not once per call)."""
     with torch.no_grad(), autocast(x.device, amp_dtype):
-        return model(x)
+        return check_logits(model(x), x.shape[0], num_classes)
+
+
+def check_logits(out, n: int, num_classes: int | None = None) -> Tensor:
+    """What the model returned, if it is logits of shape (n, C) (C = num_classes when given);
+    otherwise an error naming what came back. Shapes only: no host synchronisation."""
+    expected = f"({n}, {num_classes if num_classes is not None else 'C'})"
+    if not isinstance(out, Tensor):
+        hint = " (a model with several outputs needs a wrapper that returns the logits)" if isinstance(
+            out, (dict, tuple, list)) else ""
+        raise TypeError(f"the model must return a logits tensor of shape {expected}, got a "
+                        f"{type(out).__name__}{hint}")
+    if out.dim() != 2 or out.shape[0] != n or (num_classes is not None and out.shape[1] != num_classes):
+        raise ValueError(f"the model must return logits of shape {expected}, got shape {tuple(out.shape)}")
+    return out
 
 
 def label_error(lo, hi, num_classes: int) -> ValueError:
@@ -52,8 +66,11 @@ def box_error(name: str, x_min: float, x_max: float, lo: float, hi: float) -> Va
 
 
 def check_label_dtype(y: Tensor) -> None:
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    """Class labels: shape (N,), any integer dtype (taken as int64)."""
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"y must have shape (N,), one class label per row, got shape {tuple(y.shape)}")
 
 
 def check_labels(y: Tensor, num_classes: int) -> None:

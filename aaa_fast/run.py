@@ -280,6 +280,8 @@ class Run:
 
     def restore(self, state: dict) -> None:
         self.trainer.load_state_dict(state["trainer"])
+        if "rank_states" in state:  # the run hash holds the world size: one saved state per rank here
+            self.trainer.load_rank_state(state["rank_states"][self.ranks.rank])
         self.scheduler.load_state_dict(state["scheduler"])
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # this run's --epochs decide the rest
         for group in self.trainer.optimizer.param_groups:
@@ -299,11 +301,14 @@ class Run:
             write_json_atomic(config, os.path.join(args.out, "config.json"))
 
     def save_checkpoint(self, epochs_done: int, position: dict | None = None) -> None:
-        if self.ranks.is_main:
-            save_rotating({"config_hash": self.run_hash, "epoch": epochs_done, "trainer": self.trainer.state_dict(),
-                           "scheduler": self.scheduler.state_dict(), "shuffle_rng": self.shuffle.get_state(),
-                           "augment_rng": self.augment_gen.get_state(), "history": self.history, "best": self.best,
-                           "position": position}, self.ckpt_path)
+        """On every rank (each hands rank 0 its own trainer.rank_state); rank 0 writes."""
+        with self.stopper.saving():
+            rank_states = self.ranks.gather(self.trainer.rank_state())
+            if self.ranks.is_main:
+                save_rotating({"config_hash": self.run_hash, "epoch": epochs_done, "trainer": self.trainer.state_dict(),
+                               "rank_states": rank_states, "scheduler": self.scheduler.state_dict(),
+                               "shuffle_rng": self.shuffle.get_state(), "augment_rng": self.augment_gen.get_state(),
+                               "history": self.history, "best": self.best, "position": position}, self.ckpt_path)
 
     @contextlib.contextmanager
     def stop_on_nonfinite(self, epoch: int):
@@ -377,7 +382,7 @@ class Run:
                 batches.set_postfix(loss=f"{stats['loss']:.3f}")
             elif lines is not None:
                 lines.update(i + 1, lambda: f"loss {stats['loss']:.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
-            if self.stopper.requested:
+            if ranks.any_(self.stopper.requested):  # every rank stops after the same step
                 self.add_step_stats(sums, epoch)
                 self.save_checkpoint(epoch, dict(step=i + 1, order=order.cpu(), meta_order=meta_order.cpu(), sums=sums,
                                                  choices=self.choices.state_dict()))
@@ -403,8 +408,9 @@ class Run:
         row.update(test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
         if self.ranks.is_main and (self.best is None or ev["pgd_acc"] > self.best["test_pgd_acc"]):
             self.best = dict(epoch=epoch + 1, test_clean_acc=ev["clean_acc"], test_pgd_acc=ev["pgd_acc"])
-            save_atomic({"config_hash": self.run_hash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
-                        os.path.join(args.out, "best.pt"))
+            with self.stopper.saving():
+                save_atomic({"config_hash": self.run_hash, "epoch": epoch + 1, "trainer": {"model": model.state_dict()}},
+                            os.path.join(args.out, "best.pt"))
 
     def record_epoch(self, row: dict) -> None:
         """The epoch into the history, the checkpoint, metrics.csv, TensorBoard and the log."""
@@ -413,7 +419,7 @@ class Run:
         self.save_checkpoint(row["epoch"])
         if not self.ranks.is_main:
             return
-        with atomic_write(os.path.join(args.out, "metrics.csv"), newline="") as f:
+        with self.stopper.saving(), atomic_write(os.path.join(args.out, "metrics.csv"), newline="") as f:
             writer = csv.DictWriter(f, fieldnames=metric_fields(args.method))
             writer.writeheader()
             writer.writerows(self.history)
@@ -433,7 +439,7 @@ class Run:
         args, ranks = self.args, self.ranks
 
         def stop_during_evaluation(_done: int) -> None:
-            if self.stopper.requested:  # training is saved; only the evaluation is lost, and --resume redoes it
+            if self.ranks.any_(self.stopper.requested):  # training is saved; --resume redoes the evaluation
                 self.stop(f"stopped during the final evaluation; training is complete in {self.ckpt_path}; "
                           "--resume redoes the evaluation")
 
@@ -444,7 +450,8 @@ class Run:
                      scenario=self.scenario.info, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
                      diagnostics={k: history[-1].get(k, "") for k in DIAGNOSTIC_FIELDS} if history else {})
         if ranks.is_main:
-            write_json_atomic(final, os.path.join(args.out, "final.json"))
+            with self.stopper.saving():
+                write_json_atomic(final, os.path.join(args.out, "final.json"))
             make_plots(args.out, history, final, PlotInfo(args.method, args.dataset, args.arch, args.seed, args.eps,
                                                           args.eval_eps, args.eval_steps, args.eval_subset,
                                                           test_size=self.test_y.shape[0]))

@@ -3,6 +3,7 @@ them by itself; the CLI and the benchmarks do), run-directory ownership and chec
 lines, torchrun data parallelism, stop signals, and the CLI's error reporting."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -143,10 +144,13 @@ class Distributed:
     def __init__(self, device: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.host_group = None
         if self.world > 1:
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
             if device == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # host-side agreement (the stop flag, per-rank states) without touching the GPU stream
+            self.host_group = dist.new_group(backend="gloo") if device == "cuda" else dist.group.WORLD
 
     @property
     def is_main(self) -> bool:
@@ -167,6 +171,23 @@ class Distributed:
         if self.world > 1:
             dist.all_reduce(tensor)
 
+    def any_(self, flag: bool) -> bool:
+        """True on every rank when any rank's flag is set: ranks that act on a signal (which
+        reaches them at different steps) agree on the step they act at."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, group=self.host_group)
+        return bool(t.item())
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (a list of one without torchrun)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.host_group)
+        return out
+
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         if self.world > 1:
             for b in module.buffers():
@@ -178,15 +199,30 @@ class Distributed:
 
 
 class StopRequested:
-    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly."""
+    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly. A second signal
+    stops at once (exit 130), except inside `saving()`: a file being written is finished first."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.again = False
+        self._saving = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
-    def _handle(self, signum, _frame):
-        if self.requested:  # a second signal: stop now
+    @contextlib.contextmanager
+    def saving(self):
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+        if self.again and not self._saving:
             raise KeyboardInterrupt
+
+    def _handle(self, signum, _frame):
+        if self.requested:  # a second signal: stop now, or as soon as the file being written is complete
+            self.again = True
+            if not self._saving:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         print(f"\nreceived signal {signum}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)

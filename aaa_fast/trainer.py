@@ -35,8 +35,8 @@ from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet
 from .methods import DEFAULTS, Batch, get_method, method_names, step_stat_names
-from .model_io import (AMP, autocast, box_error, check_in_box, check_label_dtype, check_labels, eval_mode, label_error,
-                       predict, unit_float)
+from .model_io import (AMP, autocast, box_error, check_in_box, check_label_dtype, check_labels, check_logits, eval_mode,
+                       label_error, predict, unit_float)
 from .objective import INITIAL_CLASS_LOSS, OBJECTIVES
 # the collapse guard that goes with each way of starting the meta-network (1.0: off, as the reference)
 INIT_ANTI_CAP = {"trades": 0.5, "reference": 1.0}
@@ -287,9 +287,11 @@ class AAATrainer:
         batch (and meta batch), and any batch still on the CPU of a GPU trainer, is checked here;
         other batches are checked on the device, out-of-range labels clamped so no kernel indexes
         out of bounds, and read_stats() raises the error (no synchronisation per step)."""
-        if x.shape[:1] != y.shape[:1]:
-            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
         check_label_dtype(y)
+        if x.shape[:1] != y.shape:
+            raise ValueError(f"{role}: x has {x.shape[0] if x.dim() else 0} rows but y has {y.shape[0]}")
+        if y.shape[0] == 0:
+            raise ValueError(f"{role} is empty: x and y need at least one row")
         if self._image_shape is None:
             self._image_shape = tuple(x.shape[1:])
         elif tuple(x.shape[1:]) != self._image_shape:  # a broadcasting or pooling model would hide it
@@ -355,13 +357,14 @@ class AAATrainer:
 
     def clean_logits(self, x: Tensor) -> Tensor:
         with eval_mode(self.model):
-            return predict(self.net, x, self.amp_dtype)
+            return predict(self.net, x, self.amp_dtype, self.config.num_classes)
 
     def forward(self, rows: list[Tensor], model_call=None, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
         """One train-mode forward of all rows concatenated (autocast to `amp_dtype`), split back."""
         call = model_call or self.net
+        x = torch.cat(rows)
         with autocast(self.device, amp_dtype):
-            logits = call(torch.cat(rows))
+            logits = check_logits(call(x), x.shape[0], self.config.num_classes)
         return list(logits.split([r.shape[0] for r in rows]))
 
     # ------------------------------------------------------------------ the step
@@ -532,17 +535,12 @@ class AAATrainer:
             "optimizer": self.optimizer.state_dict(),
             "fairness": self.fairness.state_dict(),
             "class_loss_avg": self.class_loss_avg.cpu(),
-            "epoch_loss_sum": self._epoch_loss_sum.cpu(),
-            "epoch_loss_count": self._epoch_loss_count.cpu(),
             "iteration": self.iteration,
             "skipped_steps": self.skipped_steps,
             "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
             "method_state": self.method.state_dict(),
+            **self.rank_state(),
         }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
         if self.meta_net is not None:
             state["meta_net"] = self.meta_net.state_dict()
             state["meta_optimizer"] = self.meta_optimizer.state_dict()
@@ -571,11 +569,24 @@ class AAATrainer:
         self.fairness.load_state_dict(state["fairness"])
         self._refresh_fairness_tensors()
         self.class_loss_avg = state["class_loss_avg"].to(self.device)
-        self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
-        self._epoch_loss_count = state["epoch_loss_count"].to(self.device)
         self.iteration = int(state["iteration"])
         self._skipped_total.fill_(int(state["skipped_steps"]))
         self.scaler.load_state_dict(state["scaler"])
+        self.load_rank_state(state)
+
+    def rank_state(self) -> dict:
+        """The part of state_dict that is this process's own under torchrun: the loss sums of its
+        rows in the current epoch and its random streams. A checkpoint of a torchrun run keeps one
+        per rank (aaa_fast.run), so that every rank resumes where it stopped."""
+        state = {"epoch_loss_sum": self._epoch_loss_sum.cpu(), "epoch_loss_count": self._epoch_loss_count.cpu(),
+                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_rank_state(self, state: dict) -> None:
+        self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
+        self._epoch_loss_count = state["epoch_loss_count"].to(self.device)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():

@@ -73,6 +73,41 @@ def test_torchrun_two_gloo_processes(tmp_path, data_dir):
     assert res.stdout.count("epoch 2/2") == 1  # only rank 0 reports
 
 
+def torchrun(args, port, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "aaa_fast.train", *args]
+    return subprocess.Popen(cmd, env=dict(ENV, AAA_FAST_PROGRESS_SECONDS="0"), text=True, **kw)
+
+
+@pytest.mark.parametrize("method,port", [("aaa", 29541), ("trades", 29542), ("frl", 29543)])
+def test_torchrun_sigterm_mid_epoch_then_resume_is_identical(tmp_path, data_dir, method, port):
+    """Each rank keeps its own loss sums and random streams in the checkpoint, and the ranks
+    stop after the same step (a signal reaches them at different times)."""
+    args = [*QUICK, "--epochs", "3", "--batch-size", "32", "--data-dir", data_dir, "--method", method]
+    whole = torchrun([*args, "--out", str(tmp_path / "whole")], port, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    cut = tmp_path / "cut"
+    proc = torchrun([*args, "--out", str(cut)], port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for line in proc.stderr:  # rank 0's progress line after the second step of epoch 2
+        if line.startswith("epoch 2/3: 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "stopped after step" in rest and not (cut / "final.json").exists(), rest[-3000:]
+    resumed = torchrun([*args, "--out", str(cut), "--resume"], port, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    log = resumed.stderr.read()
+    assert resumed.wait(timeout=600) == 0, log[-3000:]
+    assert "resuming" in log and "from epoch 2, step" in log
+    assert (cut / "final.json").read_text() == (tmp_path / "whole" / "final.json").read_text()
+
+    def rows(run):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(run / "metrics.csv"))]
+    assert rows(cut) == rows(tmp_path / "whole")
+
+
 @pytest.mark.parametrize("flags,text", [
     (["--eps", "-0.1"], "--eps: must be >= 0"),
     (["--noise-rate", "1.0"], "--noise-rate: must be < 1"),

@@ -3,6 +3,7 @@ extended runs, unexpected errors. Each case must end in a clear message naming w
 (exit status 2 for the CLIs' refusals), never a traceback, and lose nothing.
 See docs/RELIABILITY.md for the table of faults."""
 import csv
+import io
 import json
 import math
 import os
@@ -282,6 +283,84 @@ def test_adversarial_pair_and_trainer_refuse_images_outside_the_box():
     trainer.step((x * 255).to(torch.uint8), y)  # uint8 images are scaled by the trainer itself
 
 
+class DictOutput(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return {"logits": self.model(x)}
+
+
+class FlatOutput(DictOutput):
+    def forward(self, x):
+        return self.model(x)[:, 0]
+
+
+def perturb_ce(model, x, y):
+    return perturb(model, x, y, eps=0.1, steps=1, loss="ce")
+
+
+def pair(model, x, y):
+    from aaa_fast import adversarial_pair
+
+    return adversarial_pair(model, x, y, steps=1)
+
+
+def trainer_step(model, x, y):
+    trainer = AAATrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         config=AAAConfig(method="trades", num_classes=10, eps=0.1, steps=1))
+    return trainer.step(x, y)
+
+
+# (API call, what goes wrong, the error and the words of its message)
+BAD_API_INPUTS = [
+    (trainer_step, "empty batch", ValueError, "batch is empty"),
+    (trainer_step, "labels (N, 1)", ValueError, r"y must have shape \(N,\).*got shape \(4, 1\)"),
+    (perturb_ce, "labels (N, 1)", ValueError, r"y must have shape \(N,\).*got shape \(4, 1\)"),
+    (pair, "labels (N, 1)", ValueError, r"y must have shape \(N,\)"),
+    (perturb_ce, "float labels", TypeError, "integer class labels"),
+    (perturb_ce, "dict output", TypeError, r"must return a logits tensor of shape \(4, C\), got a dict .*wrapper"),
+    (pair, "dict output", TypeError, "got a dict"),
+    (trainer_step, "dict output", TypeError, "got a dict"),
+    (perturb_ce, "1-D output", ValueError, r"logits of shape \(4, C\), got shape \(4,\)"),
+    (trainer_step, "1-D output", ValueError, r"logits of shape \(4, 10\), got shape \(4,\)"),
+]
+
+
+def bad_input(case: str):
+    model, x, y = tiny_model(), torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    if case == "empty batch":
+        return model, x[:0], y[:0]
+    if case == "labels (N, 1)":
+        return model, x, y[:, None]
+    if case == "float labels":
+        return model, x, y.float()
+    return (DictOutput if case == "dict output" else FlatOutput)(model), x, y
+
+
+@pytest.mark.parametrize("call,case,error,message", BAD_API_INPUTS,
+                         ids=[f"{c.__name__}-{case}" for c, case, _, _ in BAD_API_INPUTS])
+def test_bad_api_inputs_are_refused_naming_what_came(call, case, error, message):
+    with pytest.raises(error, match=message):
+        call(*bad_input(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_labels_of_any_integer_dtype_give_the_int64_result(dtype):
+    model, x, y = bad_input("none")[0].model, torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    for call in (perturb_ce, pair):
+        torch.manual_seed(0)
+        want = call(model, x, y)
+        torch.manual_seed(0)
+        got = call(model, x, y.to(dtype))
+        assert all(torch.equal(a, b) for a, b in zip(want, got)) if isinstance(want, tuple) else torch.equal(want, got)
+    a, b = tiny_model(), tiny_model()
+    trainer_step(a, x, y)
+    trainer_step(b, x, y.to(dtype))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def overlapping_views(shift: int):
     buffer = torch.rand(2 * 3 * 4 * 4 + shift)
     return buffer[shift:].view(2, 3, 4, 4), buffer[:buffer.numel() - shift].view(2, 3, 4, 4)
@@ -369,6 +448,44 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.0))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_second_signal_during_a_save_finishes_the_file_then_exits_130(tmp_path, monkeypatch):
+    """torchrun and impatient users send a second SIGTERM/Ctrl-C; one arriving while a checkpoint
+    is written must neither cut the file nor read as a disk failure."""
+    import signal
+
+    from aaa_fast.checkpoint import load_checkpoint, save_atomic
+    from aaa_fast.runtime import StopRequested
+
+    path = str(tmp_path / "checkpoint.pt")
+    save_atomic({"w": torch.zeros(3)}, path)
+    real_save = torch.save
+
+    def save_while_signalled(obj, f, *args, **kwargs):
+        if not isinstance(f, io.BytesIO):  # the write into the file itself
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_save(obj, f, *args, **kwargs)
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stopper = StopRequested()
+        monkeypatch.setattr(torch, "save", save_while_signalled)
+
+        def main(_argv):
+            with stopper.saving():
+                save_atomic({"w": torch.arange(3.0)}, path)
+            raise AssertionError("the second signal must stop the run once the file is written")
+
+        with pytest.raises(SystemExit) as stop:
+            run_cli(main)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert stop.value.code == 130 and stopper.requested and stopper.again
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
 
 
 @pytest.mark.slow
