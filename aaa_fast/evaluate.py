@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what evaluate reads from a run's config.json
+RUN_SETTINGS = ("config_hash", "dataset", "data_dir", "arch", "method", "seed", "batch_size", "eval_eps", "eval_steps",
+                "test_subset")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_device(args.device)
@@ -63,6 +68,9 @@ def main(argv=None) -> None:
     try:
         with open(config_path) as f:
             run = argparse.Namespace(**json.load(f))
+        missing = [k for k in RUN_SETTINGS if not hasattr(run, k)]
+        if missing:
+            raise ValueError(f"it has no {', '.join(missing)} (it is not a config.json of aaa_fast.train, or damaged)")
         state = load_checkpoint(args.checkpoint, expected_hash=run.config_hash)
         data = load_dataset(run.dataset, run.data_dir, download_missing=False)
     except (OSError, ValueError, TypeError, AttributeError) as exc:

@@ -27,7 +27,7 @@ from .evaluation import (EvalConfig, check_test_subset, evaluate_split, final_ev
 from .plots import PlotInfo, make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
 from .methods import get_method, step_stat_names
-from .trainer import CONFIG_DEFAULTS, AAAConfig, AAATrainer, make_meta_net, make_meta_optimizer
+from .trainer import CONFIG_DEFAULTS, AAAConfig, AAATrainer, check_module_state, make_meta_net, make_meta_optimizer
 
 # every random stream of a run is drawn from --seed plus a fixed offset (the model's initial
 # weights and the attacks' starts from --seed itself; the meta-network's from meta_net_seed;
@@ -148,7 +148,8 @@ def load_run_data(args: argparse.Namespace, ranks: Distributed):
                                   noise=args.label_noise, noise_rate=args.noise_rate, seed=args.seed,
                                   train_subset=args.train_subset)
     except ValueError as exc:  # a meta set the data cannot supply
-        raise SystemExit(f"error: --num-meta {args.num_meta}: {exc}") from None
+        subset = f" of --train-subset {args.train_subset}" if args.train_subset else ""
+        raise SystemExit(f"error: --num-meta {args.num_meta}{subset}: {exc}") from None
     check_data_settings(args, data.num_classes, scenario.info)
     return data, scenario
 
@@ -164,17 +165,24 @@ def trainer_config(args: argparse.Namespace, num_classes: int, class_counts: tor
                      fairness_eval_steps=args.eval_steps)
 
 
-def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device, ranks: Distributed) -> AAATrainer:
-    """The model (seeded, or from --init), its SGD, the AAAConfig the flags describe, the
-    meta-network and its Adam for a method that uses one, and the trainer that holds them."""
+def load_init(path: str, arch: str, data) -> dict:
+    """The model weights of --init's checkpoint, refused with a message unless they fit --arch."""
+    try:
+        weights = load_checkpoint(path).get("trainer", {}).get("model")
+        check_module_state("model", model_for(arch, data, torch.device("cpu")), weights)
+    except (CheckpointError, ValueError) as exc:
+        raise SystemExit(f"error: --init {path}: {exc} (--arch {arch})") from None
+    return weights
+
+
+def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device, ranks: Distributed,
+                  init: dict | None = None) -> AAATrainer:
+    """The model (seeded, or with `init`'s weights: --init), its SGD, the AAAConfig the flags
+    describe, the meta-network and its Adam for a method that uses one, and the trainer that holds them."""
     torch.manual_seed(args.seed)
     model = model_for(args.arch, data, device)
-    if args.init:
-        try:
-            init = load_checkpoint(args.init)
-        except CheckpointError as exc:
-            raise SystemExit(f"error: --init: {exc}") from None
-        model.load_state_dict(init["trainer"]["model"])
+    if init is not None:
+        model.load_state_dict(init)
     # fused on CUDA: it skips a non-finite step on the device, so a training step never waits for the GPU
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 fused=device.type == "cuda")
@@ -204,6 +212,7 @@ class Run:
                              "(or pip install 'aaa_fast[tensorboard]')")
         # data first: a run that cannot get its data leaves nothing behind
         self.data, self.scenario = data, scenario = load_run_data(args, ranks)
+        init = load_init(args.init, args.arch, data) if args.init else None  # before --out is created
         self.out_lock = None
         if ranks.is_main:
             check_out_dir(args.out)
@@ -220,7 +229,7 @@ class Run:
         state = self.load_state()
 
         torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
-        self.trainer = build_trainer(args, data, scenario, device, ranks)
+        self.trainer = build_trainer(args, data, scenario, device, ranks, init)
         self.steps_per_epoch = epoch_steps(scenario.train_y.shape[0], args.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer,
                                                            lr_factor(args.schedule, self.steps_per_epoch * args.epochs))

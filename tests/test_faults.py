@@ -98,6 +98,8 @@ IMPOSSIBLE = [
     (["--num-meta", "55"], "--num-meta 55: num_meta must be a multiple"),
     (["--num-meta", "5000"], "--num-meta 5000"),
     (["--test-subset", "5"], "--test-subset must be at least the number of classes (10)"),
+    (["--train-subset", "5"], "--num-meta 50 of --train-subset 5: class 0 has 0 samples"),
+    (["--init", "missing.pt"], "--init missing.pt: checkpoint missing.pt does not exist"),
 ]
 
 
@@ -110,6 +112,30 @@ def test_impossible_settings_are_refused_and_leave_nothing(tmp_path, data_dir, a
         train_main([*base, *argv])
     assert message in str(stop.value.code)
     assert not out.exists()
+
+
+def test_init_from_another_architecture_names_the_mismatch_and_creates_nothing(tmp_path, data_dir):
+    from aaa_fast.checkpoint import save_atomic
+
+    init, out = str(tmp_path / "resnet.pt"), tmp_path / "run"
+    save_atomic({"trainer": {"model": build_model("resnet32", num_classes=10, in_channels=1).state_dict()}}, init)
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--dataset", "fashion-mnist", "--data-dir", data_dir, "--arch", "small-cnn", "--num-meta", "50",
+                    "--device", "cpu", "--init", init, "--out", str(out)])
+    message = str(stop.value.code)
+    assert f"--init {init}" in message and "does not fit" in message and "missing [" in message
+    assert "(--arch small-cnn)" in message and not out.exists()
+
+
+def test_evaluate_names_what_a_config_json_lacks(tmp_path):
+    from aaa_fast.evaluate import main as evaluate_main
+
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "fashion-mnist", "arch": "small-cnn"}))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu"])
+    message = str(stop.value.code)
+    assert "config.json: it has no config_hash, data_dir, method, seed, batch_size, eval_eps, eval_steps" in message
 
 
 def test_missing_data_is_one_sentence_and_creates_nothing(tmp_path, capsys):
