@@ -197,6 +197,19 @@ def make_meta_optimizer(config: AAAConfig, meta_net: MetaNet) -> torch.optim.Ada
     return torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay, fused=fused)
 
 
+def check_optimizer_state(name: str, optimizer: torch.optim.Optimizer, saved) -> None:
+    """Refuse a saved optimizer state whose parameter groups do not match `optimizer`'s (count
+    and size), before anything is loaded: torch's own check comes after the model's weights."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list):
+        raise ValueError(f"trainer state has no {name} state")
+    own = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g.get("params", [])) for g in groups]
+    if own != theirs:
+        raise ValueError(f"trainer state's {name} has parameter groups of sizes {theirs}, this trainer's {own}; "
+                         "nothing was loaded")
+
+
 def check_module_state(name: str, module: nn.Module, saved) -> None:
     """Refuse, naming the first differences, a saved state_dict that does not fit `module` (other
     keys or shapes: e.g. another meta_hidden), before any of it is loaded."""
@@ -557,8 +570,10 @@ class AAATrainer:
         # everything checked before anything changes: a refused state leaves the trainer as it was
         check_module_state("model", self.model, state.get("model"))
         method_state = state.get("method_state", {})  # states saved before methods kept any have none
+        check_optimizer_state("optimizer", self.optimizer, state.get("optimizer"))
         if self.meta_net is not None:
             check_module_state("meta_net", self.meta_net, state.get("meta_net"))
+            check_optimizer_state("meta_optimizer", self.meta_optimizer, state.get("meta_optimizer"))
         self.method.load_state_dict(method_state)  # a method refuses a state it cannot take here
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -235,6 +235,14 @@ def test_trainer_argument_errors():
     with pytest.raises(ValueError, match="meta_net does not fit this trainer .*shapes saved vs here"):
         narrow.load_state_dict(saved)
     assert all(torch.equal(v, weights[k]) for k, v in narrow.model.state_dict().items())
+    # an optimizer state of other parameter groups: refused before the model's weights are replaced
+    saved = make_trainer("trades", seed=1).state_dict()
+    saved["optimizer"]["param_groups"][0]["params"] = saved["optimizer"]["param_groups"][0]["params"][:-1]
+    other = make_trainer("trades", seed=2)
+    weights = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"optimizer has parameter groups of sizes \[\d+\], this trainer's"):
+        other.load_state_dict(saved)
+    assert all(torch.equal(v, weights[k]) for k, v in other.model.state_dict().items())
 
 
 def test_compiled_model_with_meta_steps():
