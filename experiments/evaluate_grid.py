@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from grid import load_grid, run_dir, runs_in, select
+from aaa_fast.study.grid import load_grid, run_dir, runs_in, select
 
 
 def evaluation_command(grid: dict, scenario: str, method: str, seed: int) -> tuple[list[str], str]:

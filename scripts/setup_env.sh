@@ -17,6 +17,8 @@ python -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1;
 pip_q -r requirements-dev.txt
 # torchattacks (a test oracle) asks for torchvision, which has no CPU build here and is unused
 python -c "import torchattacks" 2>/dev/null || pip_q --no-deps torchattacks requests
+# Ray: the study runner's engine (the 'study' extra), tested on a real local and two-node cluster
+python -c "import ray" 2>/dev/null || pip_q "ray>=2.9"
 # --no-build-isolation: compile against the torch installed above, not a fresh download
 so=$(ls aaa_fast/_C*.so 2>/dev/null | head -n 1 || true)
 if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -print -quit)" ]; then

@@ -1,4 +1,4 @@
-"""experiments/grid.py and experiments/report.py: the grid runs every cell once through the CLI,
+"""experiments/grid.py (the study CLI's local executor, serial) and aaa_fast.study.report: the grid runs every cell once through the CLI,
 skips finished runs, refuses results from other arguments; the report's numbers match values
 computed by hand from known final.json files."""
 import json
@@ -7,16 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-import grid as grid_mod  # noqa: E402
-import report  # noqa: E402
+from aaa_fast.study import grid as grid_mod, report, runner
+from aaa_fast.study.__main__ import main as study_main
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -129,37 +127,25 @@ def test_grid_stopped_mid_run_resumes_to_the_uninterrupted_result(tmp_path, data
         (tmp_path / "whole" / "flip" / "AAA" / "seed0" / "final.json").read_text())
 
 
-def test_a_signal_forwarded_to_a_run_that_still_finishes_is_reported(tmp_path):
-    """A run may finish (exit 0) though a signal reached it, e.g. during its final evaluation:
-    the forwarding says so, so the runner stops instead of starting the next run."""
-    started = tmp_path / "started"
-    ignores_sigint = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-                      f"open({str(started)!r}, 'w').close(); time.sleep(1)"]
-
-    def interrupt_runner_once_started():
-        while not started.exists():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    with open(tmp_path / "log", "w") as log:
-        assert grid_mod.run_forwarding_signals([sys.executable, "-c", "pass"], log) == (0, False)
-        threading.Thread(target=interrupt_runner_once_started, daemon=True).start()
-        assert grid_mod.run_forwarding_signals(ignores_sigint, log) == (0, True)
-
-
 @pytest.mark.parametrize("rc", [0, 1], ids=["finished", "failed"])
 def test_grid_stops_after_a_run_that_ended_despite_a_signal(tmp_path, data_dir, monkeypatch, capsys, rc):
-    def ends_though_signalled(cmd, log):
-        if rc == 0:
-            out = cmd[cmd.index("--out") + 1]
-            with open(os.path.join(out, "final.json"), "w") as f:
-                json.dump(fake_final((10, 20), (5, 10), [85] * 10), f)
-        return rc, True
+    """A run may finish (exit 0) or fail though the signal reached it (it ignored it, or it came
+    during its final evaluation): the study stops all the same instead of starting the next run."""
+    real_launch = runner.launch
 
-    monkeypatch.setattr(grid_mod, "run_forwarding_signals", ends_though_signalled)
+    def ends_though_signalled(cmd, log):
+        out = cmd[cmd.index("--out") + 1]
+        final = json.dumps(fake_final((10, 20), (5, 10), [85] * 10)) if rc == 0 else None
+        script = ("import os, signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  "os.kill(os.getppid(), signal.SIGINT); time.sleep(0.5); "
+                  + (f"open({os.path.join(out, 'final.json')!r}, 'w').write({final!r}); " if final else "")
+                  + f"sys.exit({rc})")
+        return real_launch([sys.executable, "-c", script], log)
+
+    monkeypatch.setattr(runner, "launch", ends_though_signalled)
     config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir)
-    assert grid_mod.main([config]) == 130
-    assert "interrupted after this run" in capsys.readouterr().out
+    assert study_main(["run", config, "--executor", "local", "--max-retries", "0"]) == 130
+    assert "interrupted; rerun to continue" in capsys.readouterr().out
     done = [d for d in (tmp_path / "res" / "flip").glob("*/seed*") if (d / "run.json").exists()]
     assert len(done) == (1 if rc == 0 else 0)  # a finished run counts, a failed one does not
     assert len(list((tmp_path / "res" / "flip").glob("*/seed*"))) == 1  # the next run never started
