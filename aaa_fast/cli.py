@@ -50,6 +50,9 @@ def refuse_existing_output(path: str, flag: str) -> None:
     """Results are never overwritten: refuse, naming the flag, an output file that exists."""
     if os.path.exists(path):
         raise SystemExit(f"error: {path} exists; results are never overwritten: choose another {flag} or move it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise SystemExit(f"error: {flag} {path}: its directory {parent} does not exist (or is not a directory)")
 
 
 def check_device(device: str) -> None:

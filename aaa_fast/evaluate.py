@@ -22,6 +22,7 @@ from .data import DatasetError, load_dataset
 from .evaluation import (EvalConfig, check_final_attack, check_test_subset, final_evaluation_points, final_test_set, format_final,
                          model_for)
 from .runtime import run_cli
+from .trainer import check_module_state
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default=None, help="where the masking report goes; default: the checkpoint's directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="where to evaluate")
+    p.add_argument("--data-dir", default=None,
+                   help="where the run's data is now (default: the run's --data-dir); its content must be the run's")
     p.add_argument("--allow-other-data", action="store_true",
                    help="evaluate although the data's content differs from the run's (recorded as other_data)")
     p.add_argument("--json", default=None, help="also write the results to this file (a new file)")
@@ -56,6 +59,9 @@ RUN_SETTINGS = ("config_hash", "dataset", "data_dir", "arch", "method", "seed", 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_device(args.device)
+    if os.path.isdir(args.checkpoint):
+        raise SystemExit(f"error: --checkpoint {args.checkpoint} is a directory; pass a file in it "
+                         "(checkpoint.pt, best.pt or model.pt)")
     config_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
     if not os.path.exists(config_path):
         raise SystemExit(f"error: {config_path} not found: the checkpoint must sit in its run directory")
@@ -71,6 +77,8 @@ def main(argv=None) -> None:
         missing = [k for k in RUN_SETTINGS if not hasattr(run, k)]
         if missing:
             raise ValueError(f"it has no {', '.join(missing)} (it is not a config.json of aaa_fast.train, or damaged)")
+        if args.data_dir is not None:
+            run.data_dir = args.data_dir
         state = load_checkpoint(args.checkpoint, expected_hash=run.config_hash)
         data = load_dataset(run.dataset, run.data_dir, download_missing=False)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -86,13 +94,17 @@ def main(argv=None) -> None:
     for name in ("eval_eps", "eval_steps", "test_subset"):
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
-    check_test_subset(run.test_subset, data.num_classes)
+    check_test_subset(run.test_subset, data.num_classes, data.test_y.shape[0])
     run.aa_version = args.autoattack or "standard"
     # the masking report reuses the final evaluation's AutoAttack (the same images and eps)
     run.final_attack = "both" if args.autoattack or args.masking_report else "pgd"
     check_final_attack(run.final_attack, run.aa_version)
     device = torch.device(args.device)
     model = model_for(run.arch, data, device)
+    try:
+        check_module_state("model", model, state.get("trainer", {}).get("model"))
+    except ValueError as exc:
+        raise SystemExit(f"error: {args.checkpoint} does not fit {config_path} (--arch {run.arch}): {exc}") from None
     model.load_state_dict(state["trainer"]["model"])
     model.eval()
     print(f"evaluating {args.checkpoint} (epoch {state.get('epoch')}) on "

@@ -167,11 +167,15 @@ def evaluate_split(model, x, y, num_classes, cfg: EvalConfig, device, seed: int,
     return out
 
 
-def check_test_subset(test_subset: int | None, num_classes: int) -> None:
-    """The final test subset is class-balanced: it needs at least one image per class."""
+def check_test_subset(test_subset: int | None, num_classes: int, test_size: int) -> None:
+    """The final test subset is class-balanced: it needs at least one image per class, and at
+    most the test set (a larger one would be evaluated on fewer images than it says)."""
     if test_subset is not None and test_subset < num_classes:
         raise SystemExit(f"error: --test-subset must be at least the number of classes ({num_classes}), "
                          f"got {test_subset}")
+    if test_subset is not None and test_subset > test_size:
+        raise SystemExit(f"error: --test-subset {test_subset} is more than the {test_size} test images; "
+                         "leave it out to evaluate on all of them")
 
 
 def final_test_set(data, test_subset: int | None, device) -> tuple[Tensor, Tensor]:

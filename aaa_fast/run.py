@@ -63,7 +63,7 @@ def run_hash(run_config: dict) -> str:
                         if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])})
 
 
-def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_info: dict) -> None:
+def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_info: dict, test_size: int) -> None:
     """Refuse, naming the flags, settings that leave nothing to train on or cannot be evaluated."""
     if scenario_info["train_size"] == 0:
         subset = f" of --train-subset {args.train_subset}" if args.train_subset else ""
@@ -74,7 +74,20 @@ def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_inf
         raise SystemExit(f"error: --method {args.method} learns from the meta set (meta-network or fairness "
                          f"multipliers): --num-meta must be at least {num_classes} (one image per class), "
                          f"got {args.num_meta}")
-    check_test_subset(args.test_subset, num_classes)
+    check_test_subset(args.test_subset, num_classes, test_size)
+
+
+# the files a run writes into --out besides its checkpoints
+RESULT_FILES = ("config.json", "metrics.csv", "final.json", "curves.png", "classwise.png")
+
+
+def final_epochs(out: str):
+    """The epoch count final.json was written after (None when unreadable)."""
+    try:
+        with open(os.path.join(out, "final.json")) as f:
+            return json.load(f).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def settings_diff(out: str, run_config: dict, flags) -> str:
@@ -150,7 +163,7 @@ def load_run_data(args: argparse.Namespace, ranks: Distributed):
     except ValueError as exc:  # a meta set the data cannot supply
         subset = f" of --train-subset {args.train_subset}" if args.train_subset else ""
         raise SystemExit(f"error: --num-meta {args.num_meta}{subset}: {exc}") from None
-    check_data_settings(args, data.num_classes, scenario.info)
+    check_data_settings(args, data.num_classes, scenario.info, data.test_y.shape[0])
     return data, scenario
 
 
@@ -226,7 +239,12 @@ class Run:
         self.run_hash = run_hash(self.run_config)
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
         self.finished_before = False
-        state = self.load_state()
+        try:
+            state = self.load_state()
+        except BaseException:  # a refusal: the directory is free again (for callers of train() in-process)
+            if self.out_lock is not None:
+                self.out_lock.release()
+            raise
 
         torch.backends.cudnn.benchmark = device.type == "cuda"  # every batch has the same shape
         self.trainer = build_trainer(args, data, scenario, device, ranks, init)
@@ -271,8 +289,11 @@ class Run:
                 raise SystemExit(f"error: the run in {args.out} has trained {state['epoch']} epochs; --epochs "
                                  f"{args.epochs} cannot shorten it: pass --epochs {state['epoch']} or more, or "
                                  "re-evaluate it with python -m aaa_fast.evaluate")
+            # final.json of these epochs (an extension stopped in its final evaluation left the old one)
             self.finished_before = (state is not None and has_final and state["epoch"] == args.epochs
-                                    and state.get("position") is None)
+                                    and state.get("position") is None and final_epochs(args.out) == args.epochs)
+            if ranks.is_main and state is None and not has_final:
+                self.refuse_foreign_files(check_hash=True)
             if ranks.is_main:
                 print(f"--resume: no checkpoint in {args.out} yet, starting the run" if state is None else
                       f"resuming {args.out} from {describe_position(state, args.epochs)}", file=sys.stderr, flush=True)
@@ -285,7 +306,27 @@ class Run:
                              f"overwritten: {extend}, or choose another --out")
         if ranks.is_main and has_checkpoint:
             raise SystemExit(f"error: {self.ckpt_path} exists; pass --resume to continue that run or choose another --out")
+        if ranks.is_main:
+            self.refuse_foreign_files(check_hash=False)
         return None
+
+    def refuse_foreign_files(self, check_hash: bool) -> None:
+        """Files a run writes, already in --out without a checkpoint: another run's start or the
+        user's own files, never overwritten. With --resume, a config.json of this very run (one
+        stopped before its first checkpoint) is its own."""
+        out = self.args.out
+        present = [name for name in RESULT_FILES if os.path.exists(os.path.join(out, name))]
+        if not present:
+            return
+        if check_hash and present == ["config.json"]:
+            try:
+                with open(os.path.join(out, "config.json")) as f:
+                    if json.load(f).get("config_hash") == self.run_hash:
+                        return
+            except (OSError, ValueError, AttributeError):
+                pass
+        raise SystemExit(f"error: --out {out} holds {', '.join(present)} but no checkpoint of this run: they belong "
+                         "to another run or to you, and are never overwritten; choose another --out")
 
     def restore(self, state: dict) -> None:
         self.trainer.load_state_dict(state["trainer"])

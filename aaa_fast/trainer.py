@@ -197,6 +197,23 @@ def make_meta_optimizer(config: AAAConfig, meta_net: MetaNet) -> torch.optim.Ada
     return torch.optim.Adam(meta_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay, fused=fused)
 
 
+def check_optimizes(name: str, optimizer, module_name: str, module: nn.Module) -> None:
+    """The optimizer must update the module's parameters (some of them: frozen layers are fine),
+    and no others: one built on another model would silently train nothing."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{module_name} must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    own = {id(p) for p in module.parameters()}
+    if not own:
+        raise ValueError(f"{module_name} has no parameters to train")
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    foreign = sum(id(p) not in own for p in held)
+    if foreign or not held:
+        raise ValueError(f"{name} holds {foreign} parameters that are not {module_name}'s (of {len(held)}): build it "
+                         f"from {module_name}.parameters()")
+
+
 def check_optimizer_state(name: str, optimizer: torch.optim.Optimizer, saved) -> None:
     """Refuse a saved optimizer state whose parameter groups do not match `optimizer`'s (count
     and size), before anything is loaded: torch's own check comes after the model's weights."""
@@ -204,7 +221,11 @@ def check_optimizer_state(name: str, optimizer: torch.optim.Optimizer, saved) ->
     if not isinstance(groups, list):
         raise ValueError(f"trainer state has no {name} state")
     own = [len(g["params"]) for g in optimizer.param_groups]
-    theirs = [len(g.get("params", [])) for g in groups]
+    theirs = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
+    keys = lambda g: set(g) - {"params"}  # noqa: E731
+    if groups and isinstance(groups[0], dict) and keys(groups[0]) != keys(optimizer.param_groups[0]):
+        raise ValueError(f"trainer state's {name} is of another optimizer (settings {sorted(keys(groups[0]))}, this "
+                         f"trainer's {sorted(keys(optimizer.param_groups[0]))}); nothing was loaded")
     if own != theirs:
         raise ValueError(f"trainer state's {name} has parameter groups of sizes {theirs}, this trainer's {own}; "
                          "nothing was loaded")
@@ -232,6 +253,9 @@ class AAATrainer:
         self.config = cfg = config or AAAConfig()
         method = get_method(cfg.method)
         method.check_trainer(optimizer, meta_net, meta_optimizer, cfg)
+        check_optimizes("optimizer", optimizer, "model", model)
+        if meta_net is not None and meta_optimizer is not None:
+            check_optimizes("meta_optimizer", meta_optimizer, "meta_net", meta_net)
         self.model, self.optimizer = model, optimizer
         self.meta_net, self.meta_optimizer = meta_net, meta_optimizer
         self.device = next(model.parameters()).device
@@ -560,6 +584,19 @@ class AAATrainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"trainer state must be a dict (from AAATrainer.state_dict), got {type(state).__name__}")
+        missing = [k for k in ("config", "model", "optimizer", "fairness", "class_loss_avg", "epoch_loss_sum",
+                               "epoch_loss_count", "iteration", "skipped_steps", "scaler", "generator", "torch_rng")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"trainer state has no {', '.join(missing)}; nothing was loaded")
+        c = self.config.num_classes
+        for key in ("class_loss_avg", "epoch_loss_sum", "epoch_loss_count"):
+            if not isinstance(state[key], Tensor) or tuple(state[key].shape) != (c,):
+                raise ValueError(f"trainer state's {key} must have shape ({c},), got "
+                                 f"{tuple(state[key].shape) if isinstance(state[key], Tensor) else type(state[key]).__name__}"
+                                 "; nothing was loaded")
         if state.get("format") != 1:
             raise ValueError(f"unsupported trainer state format {state.get('format')!r}, expected 1")
         saved = state["config"]
@@ -571,6 +608,7 @@ class AAATrainer:
         check_module_state("model", self.model, state.get("model"))
         method_state = state.get("method_state", {})  # states saved before methods kept any have none
         check_optimizer_state("optimizer", self.optimizer, state.get("optimizer"))
+        FairnessMultipliers(self.config.num_classes).load_state_dict(state["fairness"])  # refuses a bad one here
         if self.meta_net is not None:
             check_module_state("meta_net", self.meta_net, state.get("meta_net"))
             check_optimizer_state("meta_optimizer", self.meta_optimizer, state.get("meta_optimizer"))
@@ -583,7 +621,7 @@ class AAATrainer:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.fairness.load_state_dict(state["fairness"])
         self._refresh_fairness_tensors()
-        self.class_loss_avg = state["class_loss_avg"].to(self.device)
+        self.class_loss_avg = state["class_loss_avg"].to(self.device, torch.float32)
         self.iteration = int(state["iteration"])
         self._skipped_total.fill_(int(state["skipped_steps"]))
         self.scaler.load_state_dict(state["scaler"])
@@ -600,8 +638,8 @@ class AAATrainer:
         return state
 
     def load_rank_state(self, state: dict) -> None:
-        self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
-        self._epoch_loss_count = state["epoch_loss_count"].to(self.device)
+        self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device, torch.float64)
+        self._epoch_loss_count = state["epoch_loss_count"].to(self.device, torch.float64)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():

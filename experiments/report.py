@@ -4,7 +4,8 @@
 """
 import sys
 
+from aaa_fast.runtime import run_cli
 from aaa_fast.study.report import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(lambda argv: sys.exit(main(argv)))

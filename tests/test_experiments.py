@@ -211,7 +211,7 @@ def test_hot_start_stage_is_shared_and_methods_can_be_limited_to_scenarios(tmp_p
 
 
 @pytest.mark.parametrize("methods, message", [
-    ({"A": {"args": ["--method", "erm"], "init_from": "B"}, "B": ["--method", "erm"]}, "must be a method listed before"),
+    ({"A": {"args": ["--method", "erm"], "init_from": "B"}, "B": ["--method", "erm"]}, "must be another method listed before"),
     ({"A": {"args": ["--method", "erm"], "scenarios": ["nope"]}}, "unknown scenarios ['nope']"),
     ({"A": {"method": "erm"}}, "must be a list of arguments or a dict with 'args'"),
 ])
@@ -219,6 +219,51 @@ def test_grid_rejects_bad_method_entries(tmp_path, data_dir, methods, message):
     config = write_config(tmp_path / "g.json", tmp_path / "res", data_dir, methods)
     res = run_grid(config, "--dry-run")
     assert res.returncode != 0 and message in res.stderr
+
+
+GOOD = {"out": "x", "seeds": [0], "common": [], "scenarios": {"s": []}, "methods": {"A": ["--method", "erm"]}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": {"../../escaped": []}}, "method name '../../escaped' must be a plain directory name"),
+    ({"scenarios": {"a/b": []}}, "scenario name 'a/b' must be a plain directory name"),
+    ({"scenarios": {"s": "--label-noise uniform"}}, "scenario 's' must be a list of strings"),
+    ({"seeds": [0, 0]}, "'seeds' must be distinct integers >= 0"),
+    ({"seeds": [True]}, "'seeds' must be distinct integers >= 0"),
+    ({"common": ["--epochs", 2]}, "'common' must be a list of strings"),
+    ({"methods": {"A": {"args": [], "scenarios": "s"}}}, "'scenarios' must be a list of scenario names"),
+    ({"methods": {"A": {"args": [], "init_from": "A"}}}, "must be another method listed before it"),
+])
+def test_grid_config_values_are_checked(tmp_path, change, message):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({**GOOD, **change}))
+    with pytest.raises(SystemExit) as stop:
+        grid_mod.load_grid(str(path))
+    assert message in str(stop.value.code)
+
+
+@pytest.mark.parametrize("content", ["{", "[1]", "{}"])
+def test_a_damaged_run_json_is_named(tmp_path, content):
+    run = tmp_path / "x" / "s" / "A" / "seed0"
+    run.mkdir(parents=True)
+    (run / "final.json").write_text("{}")
+    (run / "run.json").write_text(content)
+    grid = {**GOOD, "out": str(tmp_path / "x")}
+    with pytest.raises(SystemExit) as stop:
+        grid_mod.finished(grid, 0, "s", "A")
+    assert f"{run / 'run.json'} is damaged" in str(stop.value.code)
+
+
+def test_report_refuses_missing_documents_before_any_work(tmp_path):
+    config = tmp_path / "g.json"
+    config.write_text(json.dumps(GOOD))
+    (tmp_path / "file").write_text("")
+    for argv, message in (([str(config), "--markdown", str(tmp_path / "new.md")], "no such file"),
+                          ([str(config), "--markdown", str(tmp_path)], "no such file"),
+                          ([str(config), "--figures", str(tmp_path / "file")], "is a file, not a directory")):
+        with pytest.raises(SystemExit) as stop:
+            report.main(argv)
+        assert message in str(stop.value.code)
 
 
 def fake_final(nat, bdy, classwise_pgd):
@@ -258,6 +303,8 @@ def test_report_names_damaged_runs_and_reports_the_rest(finished_grid, tmp_path,
     (root / "clean" / "TRADES" / "seed1" / "final.json").write_text('{"clean_acc": 80.0}')  # no figures
     (root / "clean" / "FRL" / "seed0" / "run.json").write_bytes(b"\xff\xfe")  # not text
     (root / "clean" / "AAA-meta" / "seed0" / "metrics.csv").write_bytes(b"epoch,frac_anti\n\x00\xff\n")
+    frl = root / "clean" / "FRL" / "seed1" / "final.json"
+    frl.write_text(json.dumps(dict(json.loads(frl.read_text()), worst_rob_err=float("nan"))))  # counted as nan before
     doc = tmp_path / "RESULTS.md"
     doc.write_text("<!-- grid:toy begin -->\n<!-- grid:toy end -->\n")
     assert report.main([finished_grid, "--markdown", str(doc)]) == 0
@@ -266,7 +313,8 @@ def test_report_names_damaged_runs_and_reports_the_rest(finished_grid, tmp_path,
     assert trades.startswith("| TRADES | 24.0 |")  # seed 2 alone (its natural error 24)
     assert "**Damaged runs, not counted**" in text
     for name, reason in [("clean/TRADES/seed0/final.json", "JSONDecodeError"),
-                         ("clean/TRADES/seed1/final.json", "no avg_nat_err"),
+                         ("clean/TRADES/seed1/final.json", "no finite avg_nat_err"),
+                         ("clean/FRL/seed1/final.json", "no finite worst_rob_err"),
                          ("clean/FRL/seed0/run.json", "UnicodeDecodeError")]:
         assert name in text and reason in text.split(name, 1)[1].split("`")[0], name
     assert "damaged run file" in capsys.readouterr().err

@@ -138,6 +138,33 @@ def test_evaluate_names_what_a_config_json_lacks(tmp_path):
     assert "config.json: it has no config_hash, data_dir, method, seed, batch_size, eval_eps, eval_steps" in message
 
 
+def test_evaluate_checks_its_outputs_and_the_checkpoint_before_any_work(tmp_path, data_dir):
+    """--json into a missing directory, a --checkpoint that is a directory, a checkpoint of another
+    architecture than config.json's, a --test-subset larger than the test set: refused, exit 2."""
+    from aaa_fast.checkpoint import save_atomic
+    from aaa_fast.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    train_main([*QUICK, "--epochs", "1", "--steps", "1", "--method", "erm", "--data-dir", data_dir, "--out", str(run)])
+    ckpt = str(run / "checkpoint.pt")
+    other = str(run / "resnet.pt")
+    save_atomic({"config_hash": json.loads((run / "config.json").read_text())["config_hash"],
+                 "trainer": {"model": build_model("resnet32", num_classes=10, in_channels=1).state_dict()}}, other)
+    for argv, message in ((["--checkpoint", ckpt, "--json", str(tmp_path / "nodir" / "x.json")], "does not exist"),
+                          (["--checkpoint", str(run)], "is a directory"),
+                          (["--checkpoint", other], "does not fit"),
+                          (["--checkpoint", ckpt, "--test-subset", "5000"], "is more than the 100 test images"),
+                          (["--checkpoint", ckpt, "--data-dir", str(tmp_path / "moved")], "not found under")):
+        with pytest.raises(SystemExit) as stop:
+            evaluate_main([*argv, "--device", "cpu"])
+        assert message in str(stop.value.code), argv
+    shutil.copytree(data_dir, tmp_path / "moved")  # the data moved: --data-dir finds it
+    evaluate_main(["--checkpoint", ckpt, "--device", "cpu", "--data-dir", str(tmp_path / "moved"),
+                   "--json", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["clean_acc"] == json.loads(
+        (run / "final.json").read_text())["clean_acc"]
+
+
 def test_missing_data_is_one_sentence_and_creates_nothing(tmp_path, capsys):
     data, out = tmp_path / "nowhere", tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
@@ -543,6 +570,80 @@ def test_finished_results_are_never_overwritten(tmp_path, data_dir):
     assert res.returncode == 2 and "holds a finished run (final.json)" in res.stderr
     res = again("--resume")
     assert res.returncode == 2 and "without its checkpoints: it cannot be resumed" in res.stderr
+
+
+@pytest.mark.slow
+def test_an_extension_stopped_in_its_final_evaluation_is_evaluated_on_resume(tmp_path, data_dir):
+    """--resume --epochs 2 over a finished 1-epoch run, stopped during its final evaluation, leaves
+    the 1-epoch final.json beside the 2-epoch checkpoint: the next --resume must evaluate again."""
+    out = tmp_path / "run"
+    base = [*QUICK, "--method", "erm", "--data-dir", data_dir, "--out", str(out), "--test-subset", "20"]
+    train_main([*base, "--epochs", "1"])
+    one_epoch = (out / "final.json").read_text()
+    train_main([*base, "--epochs", "2", "--resume"])
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2
+    (out / "final.json").write_text(one_epoch)  # what the stop in the evaluation left
+    train_main([*base, "--epochs", "2", "--resume"])
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+def test_files_of_another_run_or_the_user_in_out_are_never_overwritten(tmp_path, data_dir):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("config.json", "metrics.csv", "curves.png"):
+        (out / name).write_text("the user's own")
+    base = ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--arch", "small-cnn", "--num-meta", "50",
+            "--device", "cpu", "--out", str(out)]
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as stop:
+            train_main([*base, *extra])
+        assert "holds config.json, metrics.csv, curves.png but no checkpoint of this run" in str(stop.value.code)
+    assert all((out / n).read_text() == "the user's own" for n in ("config.json", "metrics.csv", "curves.png"))
+
+
+def other_state_cases():
+    cases = []
+    saved = trainer_for("trades").state_dict()
+    cases.append(({k: v for k, v in saved.items() if k != "fairness"}, ValueError, "has no fairness"))
+    cases.append((dict(saved, class_loss_avg=torch.ones(3)), ValueError, r"class_loss_avg must have shape \(10,\)"))
+    cases.append(([saved], TypeError, "must be a dict"))
+    adam = trainer_for("trades", optimizer=torch.optim.Adam).state_dict()
+    cases.append((adam, ValueError, "optimizer is of another optimizer"))
+    return cases
+
+
+def trainer_for(method, optimizer=torch.optim.SGD):
+    model = tiny_model()
+    return AAATrainer(model, optimizer(model.parameters(), lr=0.1),
+                      config=AAAConfig(method=method, num_classes=10, eps=0.1, steps=1))
+
+
+def test_a_refused_state_leaves_the_trainer_as_it_was():
+    for state, error, message in other_state_cases():
+        trainer = trainer_for("trades")
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        with pytest.raises(error, match=message):
+            trainer.load_state_dict(state)
+        assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_an_optimizer_of_another_model_and_non_bool_corrupted_are_refused():
+    from aaa_fast.trainer import make_meta_net, make_meta_optimizer
+
+    model, other = tiny_model(), tiny_model()
+    with pytest.raises(ValueError, match=r"optimizer holds 16 parameters that are not model's \(of 16\)"):
+        AAATrainer(model, torch.optim.SGD(other.parameters(), lr=0.1), config=AAAConfig(method="trades"))
+    frozen = [p for name, p in model.named_parameters() if not name.startswith("features.0")]
+    AAATrainer(model, torch.optim.SGD(frozen, lr=0.1), config=AAAConfig(method="trades"))  # freezing is fine
+    cfg = AAAConfig(method="aaa", num_classes=10)
+    meta, stranger = make_meta_net(cfg), make_meta_net(cfg)
+    with pytest.raises(ValueError, match="meta_optimizer holds .* that are not meta_net's"):
+        AAATrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_net=meta,
+                   meta_optimizer=make_meta_optimizer(cfg, stranger), config=cfg)
+    oracle = trainer_for("aaa-oracle")
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"a bool tensor of shape \(4,\).*got torch.int64\(4,\)"):
+        oracle.step(x, y, corrupted=torch.tensor([1, 0, 1, 5]))
 
 
 @pytest.mark.slow

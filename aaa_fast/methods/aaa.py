@@ -144,8 +144,10 @@ class AAAOracle(AdversarialPair):
 
     def choose(self, batch: Batch):
         corrupted, y = batch.corrupted, batch.y
-        if not (isinstance(corrupted, Tensor) and corrupted.shape == y.shape):
+        if not (isinstance(corrupted, Tensor) and corrupted.shape == y.shape and corrupted.dtype == torch.bool):
             raise ValueError(f"method='aaa-oracle' needs corrupted=, a bool tensor of shape {tuple(y.shape)} "
-                             "saying which training labels are corrupted")
+                             "saying which training labels are corrupted, got "
+                             f"{corrupted.dtype if isinstance(corrupted, Tensor) else type(corrupted).__name__}"
+                             f"{tuple(corrupted.shape) if isinstance(corrupted, Tensor) else ''}")
         b = corrupted.to(batch.x.device, non_blocking=True).float()
         return 1 - b, b

@@ -48,23 +48,42 @@ def load_grid(path: str) -> dict:
             grid = json.load(f, object_pairs_hook=unique_keys)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot read grid config {path}: {exc}") from None
+    def refuse(what: str):
+        raise SystemExit(f"error: grid config {path}: {what}")
+
     for key, kind in (("out", str), ("seeds", list), ("common", list), ("scenarios", dict), ("methods", dict)):
         if not isinstance(grid.get(key), kind):
-            raise SystemExit(f"error: grid config {path}: '{key}' must be a {kind.__name__}")
+            refuse(f"'{key}' must be a {kind.__name__}")
+    seeds = grid["seeds"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        refuse(f"'seeds' must be distinct integers >= 0, got {seeds}")
+    if not all(isinstance(a, str) for a in grid["common"]):
+        refuse("'common' must be a list of strings (command-line arguments)")
+    for kind in ("scenarios", "methods"):
+        for name in grid[kind]:
+            if not name or name in (".", "..") or "/" in name or "\\" in name:
+                refuse(f"{kind[:-1]} name {name!r} must be a plain directory name (no '/', not '.' or '..')")
+    for name, args in grid["scenarios"].items():
+        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+            refuse(f"scenario {name!r} must be a list of strings (command-line arguments), got {args!r}")
     names = list(grid["methods"])
     for name, spec in grid["methods"].items():
+        if not isinstance(spec, (list, dict)) or (isinstance(spec, dict) and not isinstance(spec.get("args"), list)):
+            refuse(f"method {name!r} must be a list of arguments or a dict with 'args'")
+        args = spec if isinstance(spec, list) else spec["args"]
+        if not all(isinstance(a, str) for a in args):
+            refuse(f"method {name!r}: its arguments must be strings, got {args!r}")
         if isinstance(spec, list):
             continue
-        if not isinstance(spec, dict) or not isinstance(spec.get("args"), list):
-            raise SystemExit(f"error: grid config {path}: method {name!r} must be a list of arguments or a dict "
-                             "with 'args'")
-        unknown = set(spec.get("scenarios") or []) - set(grid["scenarios"])
+        scenarios = spec.get("scenarios")
+        if scenarios is not None and not (isinstance(scenarios, list) and all(isinstance(c, str) for c in scenarios)):
+            refuse(f"method {name!r}: 'scenarios' must be a list of scenario names, got {scenarios!r}")
+        unknown = set(scenarios or []) - set(grid["scenarios"])
         if unknown:
-            raise SystemExit(f"error: grid config {path}: method {name!r} names unknown scenarios {sorted(unknown)}")
+            refuse(f"method {name!r} names unknown scenarios {sorted(unknown)}")
         source = spec.get("init_from")
-        if source is not None and (source not in names or names.index(source) > names.index(name)):
-            raise SystemExit(f"error: grid config {path}: method {name!r} starts from {source!r}, which must be "
-                             "a method listed before it")
+        if source is not None and (source not in names or names.index(source) >= names.index(name)):
+            refuse(f"method {name!r} starts from {source!r}, which must be another method listed before it")
     return grid
 
 
@@ -115,8 +134,13 @@ def finished(grid: dict, seed: int, scenario: str, method: str) -> bool:
     out = run_dir(grid, scenario, method, seed)
     if not os.path.exists(os.path.join(out, "final.json")) or not os.path.exists(os.path.join(out, "run.json")):
         return False  # not run, or stopped before the runner recorded it: --resume finishes it
-    with open(os.path.join(out, "run.json")) as f:
-        recorded = json.load(f)["command"]
+    path = os.path.join(out, "run.json")
+    try:
+        with open(path) as f:
+            recorded = json.load(f)["command"]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise SystemExit(f"error: {path} is damaged ({type(exc).__name__}: {exc}): it records the run's command; "
+                         "restore it, or delete the run's directory to rerun it") from None
     if recorded != command(grid, scenario, method, seed)[1:]:
         raise SystemExit(f"error: {out} was run with other arguments than the config gives now; "
                          "delete it (or change 'out') to rerun it")

@@ -34,6 +34,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def finite(record, key: str) -> bool:
+    value = record.get(key) if isinstance(record, dict) else None
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_json(path: str, damaged: list[str]):
     """The JSON at `path`, or None with '<path>: <reason>' added to `damaged` when it cannot be read."""
     try:
@@ -62,10 +67,9 @@ def collect(grid: dict, damaged: list[str] | None = None) -> dict:
                 path = os.path.join(out, "final.json")
                 if not os.path.exists(path) or (final := read_json(path, damaged)) is None:
                     continue
-                missing = [k for k in (*dict(METRICS), "clean_acc", "pgd_acc")
-                           if not isinstance(final.get(k) if isinstance(final, dict) else None, (int, float))]
+                missing = [k for k in (*dict(METRICS), "clean_acc", "pgd_acc") if not finite(final, k)]
                 if missing:
-                    damaged.append(f"{path}: no {', '.join(missing)}")
+                    damaged.append(f"{path}: no finite {', '.join(missing)}")
                     continue
                 finals.append(final)
                 if os.path.exists(os.path.join(out, "run.json")):
@@ -468,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", nargs="+", default=[], help="documents to put the tables in (between their markers)")
     p.add_argument("--figures", default=None, help="directory for the plots")
     args = p.parse_args(argv)
+    for path in args.markdown:  # before any work: a document the tables go into must exist (with markers)
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --markdown {path}: no such file (the tables go between markers in an "
+                             "existing document)")
+    if args.figures and os.path.exists(args.figures) and not os.path.isdir(args.figures):
+        raise SystemExit(f"error: --figures {args.figures} is a file, not a directory")
     grid = load_grid(args.config)
     damaged: list[str] = []
     runs = collect(grid, damaged)
