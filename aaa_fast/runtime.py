@@ -137,6 +137,18 @@ def check_out_dir(out: str) -> None:
         raise SystemExit(f"error: only {free >> 20} MiB free under --out {out}; checkpoints need more")
 
 
+def attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store of this torchrun attempt, under a prefix of its own. Under
+    `torchrun --max-restarts` the agent keeps one store across restarts, and every fresh process
+    group writes its ranks' addresses under the same keys: restarted ranks read the dead attempt's
+    addresses ("Gloo connectFullMesh ... Connection refused") or wait forever. Prefixing with
+    TORCHELASTIC_RESTART_COUNT gives each attempt its own keys."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, use_libuv=True)
+    return dist.PrefixStore(f"aaa_fast/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 class Distributed:
     """torchrun data parallelism: each rank takes its share of every global batch; gradients of
     the model and the meta-net are averaged, BatchNorm buffers follow rank 0."""
@@ -146,7 +158,8 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.host_group = None
         if self.world > 1:
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", store=attempt_store(self.rank, self.world),
+                                    rank=self.rank, world_size=self.world)
             if device == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             # host-side agreement (the stop flag, per-rank states) without touching the GPU stream

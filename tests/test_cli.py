@@ -73,10 +73,36 @@ def test_torchrun_two_gloo_processes(tmp_path, data_dir):
     assert res.stdout.count("epoch 2/2") == 1  # only rank 0 reports
 
 
-def torchrun(args, port, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "aaa_fast.train", *args]
+def torchrun(args, port, elastic=False, **kw):
+    where = (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "2",
+              "--monitor-interval", "1"] if elastic else ["--master_port", str(port)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *where, "-m", "aaa_fast.train", *args]
     return subprocess.Popen(cmd, env=dict(ENV, AAA_FAST_PROGRESS_SECONDS="0"), text=True, **kw)
+
+
+def test_elastic_torchrun_restarts_a_killed_rank_and_ends_identical(tmp_path, data_dir):
+    """torchrun --max-restarts with the c10d rendezvous: a rank SIGKILLed after epoch 1 makes the
+    agent restart both; the restarted ranks rendezvous (each attempt has its own store prefix: the
+    dead attempt's addresses were read before, "Gloo connectFullMesh ... Connection refused"),
+    resume from the checkpoint and end with the uninterrupted run's final.json."""
+    args = [*QUICK, "--epochs", "3", "--batch-size", "32", "--data-dir", data_dir, "--method", "aaa", "--resume"]
+    whole = torchrun([*args, "--out", str(tmp_path / "whole")], 29551, elastic=True, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    cut = tmp_path / "cut"
+    proc = torchrun([*args, "--out", str(cut)], 29552, elastic=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (cut / "metrics.csv").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    log = proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, log[-3000:]
+    assert log.count("resuming") == 1 and "from the end of epoch" in log
+    assert (cut / "final.json").read_text() == (tmp_path / "whole" / "final.json").read_text()
 
 
 @pytest.mark.parametrize("method,port", [("aaa", 29541), ("trades", 29542), ("frl", 29543)])
