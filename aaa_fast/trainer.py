@@ -87,6 +87,13 @@ def fill_defaults(settings, *, default_eps: float | None = None) -> None:
         settings.alpha = settings.eps / 4
 
 
+def check_number(name: str, value) -> None:
+    """A setting that must be a finite number >= 0 that float32 holds (NaN, bools and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and 0 <= value <= torch.finfo(torch.float32).max):
+        raise ValueError(f"{name} must be finite and >= 0 (a number float32 holds), got {value!r}")
+
+
 @dataclass
 class AAAConfig:
     method: str = "aaa"              # a registered method (aaa_fast.methods.method_names())
@@ -133,6 +140,8 @@ class AAAConfig:
         method = get_method(self.method)
         if self.meta_init not in META_INITS:
             raise ValueError(f"meta_init must be one of {META_INITS}, got {self.meta_init!r}")
+        if self.eps is not None:
+            check_number("eps", self.eps)  # before fill_defaults derives alpha from it
         fill_defaults(self)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
@@ -146,30 +155,38 @@ class AAAConfig:
             learners = [m for m in method_names() if get_method(m).learns_bounds]
             raise ValueError(f"bound_mode='meta' needs a method whose meta-network gives the bounds ({learners}), "
                              f"not {self.method!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        for name in ("eps", "alpha", "lam", "fairness_eval_eps", "meta_lr", "meta_weight_decay"):
+        for name, low in (("num_classes", 2), ("steps", 0), ("meta_hidden", 1), ("meta_every", 1),
+                          ("fairness_eval_steps", 0), ("seed", 0)):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
-        if not (isinstance(self.steps, int) and self.steps >= 0):
-            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
-        if not (isinstance(self.meta_hidden, int) and self.meta_hidden >= 1):
-            raise ValueError(f"meta_hidden must be an int >= 1, got {self.meta_hidden!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name in ("eps", "alpha", "lam", "fairness_eval_eps", "meta_lr", "meta_weight_decay", "tau", "rho1", "rho2"):
+            check_number(name, getattr(self, name))
+        for name in ("fairness", "channels_last", "compile", "cuda_graphs", "skip_nonfinite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 0 < self.meta_start_a < 1:
             raise ValueError(f"meta_start_a must be in (0, 1), got {self.meta_start_a}")
-        if not (isinstance(self.meta_every, int) and self.meta_every >= 1):
-            raise ValueError(f"meta_every must be an int >= 1, got {self.meta_every!r}")
         if self.adv_loss not in ("kl", "ce"):
             raise ValueError(f"adv_loss must be 'kl' or 'ce', got {self.adv_loss!r}")
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
         if self.amp not in AMP:
             raise ValueError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
-        if self.class_share is not None and len(self.class_share) != self.num_classes:
-            raise ValueError(f"class_share needs {self.num_classes} values, got {len(self.class_share)}")
-        if not 0 < self.s_min <= self.s_max:
+        if self.class_share is not None:
+            share = list(self.class_share) if isinstance(self.class_share, (list, tuple)) else None
+            if share is None or len(share) != self.num_classes:
+                raise ValueError(f"class_share needs {self.num_classes} values (a list of numbers), got {self.class_share!r}")
+            for value in share:
+                check_number("class_share", value)
+            if not sum(share) > 0:
+                raise ValueError(f"class_share must not be all zero, got {share}")
+        if not (math.isfinite(self.s_min) and math.isfinite(self.s_max) and 0 < self.s_min <= self.s_max):
             raise ValueError(f"the meta bounds need 0 < s_min <= s_max, got s_min={self.s_min}, s_max={self.s_max}")
-        if len(self.fixed_weights) != 2 or min(self.fixed_weights) < 0:
+        if len(self.fixed_weights) != 2:
             raise ValueError(f"fixed_weights must be two numbers >= 0, got {self.fixed_weights}")
+        for value in self.fixed_weights:
+            check_number("fixed_weights", value)
         method.check_config(self)
 
 

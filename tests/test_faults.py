@@ -618,6 +618,29 @@ def trainer_for(method, optimizer=torch.optim.SGD):
                       config=AAAConfig(method=method, num_classes=10, eps=0.1, steps=1))
 
 
+# AAAConfig settings that must be refused when the config is built, naming the field
+BAD_CONFIGS = [
+    (dict(tau=float("nan")), "tau must be finite and >= 0"), (dict(rho1=-1.0), "rho1"), (dict(rho2="0.2"), "rho2"),
+    (dict(fixed_weights=(float("nan"), 0.5)), "fixed_weights"), (dict(fixed_weights=(0.5, float("inf"))), "fixed_weights"),
+    (dict(class_share=[float("nan")] * 10), "class_share"), (dict(class_share=[-0.1] * 10), "class_share"),
+    (dict(class_share=[0.0] * 10), "must not be all zero"), (dict(class_share="balanced"), "class_share needs 10 values"),
+    (dict(norm="l1"), "norm must be 'linf' or 'l2'"), (dict(steps=True), "steps must be an int"),
+    (dict(meta_every=True), "meta_every"), (dict(meta_hidden=True), "meta_hidden"),
+    (dict(fairness_eval_steps=-3), "fairness_eval_steps"), (dict(fairness_eval_steps=2.5), "fairness_eval_steps"),
+    (dict(eps=1e39), "eps must be finite and >= 0"), (dict(meta_lr=1e39), "meta_lr"), (dict(eps="0.03"), "eps"),
+    (dict(channels_last="no"), "channels_last must be True or False"), (dict(compile="yes"), "compile"),
+    (dict(skip_nonfinite="false"), "skip_nonfinite"), (dict(seed=1.5), "seed must be an int"),
+    (dict(seed=2**70), "seed must be an int"), (dict(num_classes="10"), "num_classes must be an int"),
+    (dict(num_classes=2.5), "num_classes"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_CONFIGS, ids=[str(f) for f, _ in BAD_CONFIGS])
+def test_bad_config_values_are_refused_naming_the_field(fields, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        AAAConfig(method="frl", **fields)
+
+
 def test_a_refused_state_leaves_the_trainer_as_it_was():
     for state, error, message in other_state_cases():
         trainer = trainer_for("trades")
