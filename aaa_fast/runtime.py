@@ -124,7 +124,7 @@ def check_out_dir(out: str) -> None:
     """Fail before training, not after hours, if the output directory cannot be written."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
+        probe = os.path.join(out, f".write-test-{socket.gethostname()}-{os.getpid()}")  # two processes at once
         with open(probe, "wb") as f:
             f.write(b"\0" * (1 << 20))
             f.flush()
