@@ -50,6 +50,14 @@ class Progress:
               f"ETA {format_seconds(eta) if left else '0m00s'}", flush=True)
 
 
+def exit_status(stopping: list, progress: Progress) -> int:
+    """130 after a signal (every run checkpointed), 1 when a run failed or could not start, else 0."""
+    if stopping:
+        print("interrupted; rerun to continue", flush=True)
+        return 130
+    return 1 if any(r["status"] in ("failed", "blocked") for r in progress.ended.values()) else 0
+
+
 def failed_result(cell: Cell, exc: BaseException) -> dict:
     return {"cell": cell, "status": "failed", "seconds": 0.0, "summary": str(exc), "node": "?"}
 
@@ -116,10 +124,7 @@ class LocalExecutor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if stopping:
-            print("interrupted; rerun to continue", flush=True)
-            return 130
-        return 1 if any(r["status"] in ("failed", "blocked") for r in progress.ended.values()) else 0
+        return exit_status(stopping, progress)
 
 
 class RayExecutor:
@@ -189,10 +194,7 @@ class RayExecutor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if stopping:
-            print("interrupted; rerun to continue", flush=True)
-            return 130
-        return 1 if any(r["status"] in ("failed", "blocked") for r in progress.ended.values()) else 0
+        return exit_status(stopping, progress)
 
 
 def ray_task(grid: dict, cell: Cell, root: str, keep_checkpoints: bool, _source_result=None) -> dict:
