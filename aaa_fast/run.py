@@ -466,13 +466,14 @@ class Run:
         """The epoch into the history, the checkpoint, metrics.csv, TensorBoard and the log."""
         args = self.args
         self.history.append(row)
-        self.save_checkpoint(row["epoch"])
-        if not self.ranks.is_main:
-            return
-        with self.stopper.saving(), atomic_write(os.path.join(args.out, "metrics.csv"), newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=metric_fields(args.method))
-            writer.writeheader()
-            writer.writerows(self.history)
+        with self.stopper.saving():  # the checkpoint and metrics.csv as one save: a second signal waits for both
+            self.save_checkpoint(row["epoch"])
+            if not self.ranks.is_main:
+                return
+            with atomic_write(os.path.join(args.out, "metrics.csv"), newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=metric_fields(args.method))
+                writer.writeheader()
+                writer.writerows(self.history)
         if self.board is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from aaa_fast.study.grid import load_grid, run_dir, runs_in, select
+from aaa_fast.study.grid import cells, load_grid, run_dir
 
 
 def evaluation_command(grid: dict, scenario: str, method: str, seed: int) -> tuple[list[str], str]:
@@ -47,13 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = load_grid(args.config)
     if not isinstance(grid.get("evaluation"), dict):
         raise SystemExit(f"error: grid config {args.config} has no 'evaluation' section")
-    cells = [(sc, m, seed) for seed in select(args.seeds, grid["seeds"], "seeds")
-             for sc in select(args.scenarios, grid["scenarios"], "scenarios")
-             for m in select(args.methods, grid["methods"], "methods") if runs_in(grid, sc, m)]
     # the standard evaluations first: they are the long ones
-    cells.sort(key=lambda c: [c[0], c[1]] not in grid["evaluation"].get("standard", []))
+    todo = sorted(cells(grid, args.seeds, args.scenarios, args.methods),
+                  key=lambda c: [c.scenario, c.method] not in grid["evaluation"].get("standard", []))
     failed = 0
-    for scenario, method, seed in cells:
+    for scenario, method, seed in ((c.scenario, c.method, c.seed) for c in todo):
         cmd, target = evaluation_command(grid, scenario, method, seed)
         weights = cmd[cmd.index("--checkpoint") + 1]
         if os.path.exists(target) or not os.path.exists(weights):
