@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import faulthandler
 import functools
 import math
 import os
@@ -101,7 +102,9 @@ def format_seconds(seconds: float) -> str:
 def run_cli(main, argv=None) -> None:
     """Run a CLI's main so that a user never sees a traceback. A refusal (SystemExit with a
     message) prints it and exits with status 2, as argparse's own; unexpected errors end in one
-    line and status 1 (AAA_FAST_DEBUG=1 shows the traceback); Ctrl-C exits with 130."""
+    line and status 1 (AAA_FAST_DEBUG=1 shows the traceback); Ctrl-C exits with 130. A crash in
+    native code (SIGSEGV, SIGABRT from std::terminate, ...) prints every thread's Python stack."""
+    faulthandler.enable()
     try:
         main(argv)
     except SystemExit as stop:
@@ -212,13 +215,16 @@ class Distributed:
 
 
 class StopRequested:
-    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly. A second signal
-    stops at once (exit 130), except inside `saving()`: a file being written is finished first."""
+    """SIGINT/SIGTERM/SIGHUP: finish the current step, write a checkpoint, exit cleanly. A second
+    SIGINT or SIGTERM stops at once (exit 130), except inside `saving()`: a file being written is
+    finished first. SIGHUP never escalates: it is what a study runner's training process gets when
+    its runner dies (PR_SET_PDEATHSIG), and the kernel sends it again each time the process is
+    handed to another thread of the dying runner, so one death can arrive as several signals."""
 
     def __init__(self):
         self.requested = self.again = False
         self._saving = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
     @contextlib.contextmanager
@@ -232,6 +238,8 @@ class StopRequested:
             raise KeyboardInterrupt
 
     def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGHUP:
+            return
         if self.requested:  # a second signal: stop now, or as soon as the file being written is complete
             self.again = True
             if not self._saving:

@@ -118,7 +118,7 @@ def test_grid_stopped_mid_run_resumes_to_the_uninterrupted_result(tmp_path, data
         proc.wait()
         deadline = time.time() + 300
         while "checkpoint written" not in (run / "train.log").read_text():  # the CLI's signal-stop message
-            assert time.time() < deadline, "the run did not stop after its runner died"
+            assert time.time() < deadline, f"the run did not stop after its runner died:\n{(run / 'train.log').read_text()}"
             time.sleep(0.05)
     assert not (run / "final.json").exists()
     again = run_grid(config, "--seeds", "0")

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 
 import pytest
@@ -521,7 +522,7 @@ def test_a_second_signal_during_a_save_finishes_the_file_then_exits_130(tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
         real_save(obj, f, *args, **kwargs)
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         stopper = StopRequested()
         monkeypatch.setattr(torch, "save", save_while_signalled)
@@ -539,6 +540,49 @@ def test_a_second_signal_during_a_save_finishes_the_file_then_exits_130(tmp_path
     assert stop.value.code == 130 and stopper.requested and stopper.again
     assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+
+
+ORPHAN_CHILD = """
+import signal, sys, time
+from aaa_fast.runtime import StopRequested
+stopper = StopRequested()
+print("ready", flush=True)
+while not stopper.requested:
+    time.sleep(0.01)
+time.sleep(1.0)  # the rest of the step and the checkpoint, while more signals may come
+print("stopped cleanly", flush=True)
+"""
+
+RUNNER_DIES = """
+import sys, threading, time
+from aaa_fast.study.runner import launch
+def start():
+    launch([sys.executable, "-c", sys.argv[1]], open(sys.argv[2], "a"))
+    time.sleep(3600)
+for _ in range(8):  # threads that outlive the launching one while the process dies
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+threading.Thread(target=start, daemon=True).start()
+time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_runner_killed_by_sigkill_stops_its_run_cleanly_once(tmp_path):
+    """The kernel signals an orphan once per thread of the dying runner it is handed to; those
+    repeated signals must read as one stop request (checkpoint, then exit), not as the second
+    signal that stops at once without a checkpoint."""
+    log = tmp_path / "child.log"
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER_DIES, ORPHAN_CHILD, str(log)], env=ENV)
+    deadline = time.time() + 60
+    while "ready" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline and runner.poll() is None, "the child never started"
+        time.sleep(0.05)
+    runner.kill()
+    runner.wait()
+    while "stopped cleanly" not in log.read_text():
+        assert time.time() < deadline, f"the orphaned child did not stop cleanly:\n{log.read_text()}"
+        time.sleep(0.05)
+    assert "received signal 1" in log.read_text() and "Traceback" not in log.read_text()
 
 
 @pytest.mark.slow

@@ -26,18 +26,27 @@ class RunFailed(RuntimeError):
     """A training process that exited with an error; Ray retries the task (it resumes)."""
 
 
-def _term_when_parent_dies() -> None:
-    """In the child, before exec (Linux): SIGTERM it if the process that started it dies, even by
-    SIGKILL, so no orphaned run keeps writing to a directory the next task will resume."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# resolved here, in the parent: dlopen in a child forked from a threaded process can deadlock
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _term_when_parent_dies(parent: int) -> None:
+    """In the child, before exec (Linux): SIGHUP it if the process that started it dies, even by
+    SIGKILL, so no orphaned run keeps writing to a directory the next task will resume (the
+    training CLI checkpoints and stops on SIGHUP; repeated SIGHUPs, one per thread of the dying
+    parent, do not escalate as a second SIGTERM would). A parent that died between the fork and the
+    prctl is caught by the parent-pid check."""
+    if _PRCTL(_PR_SET_PDEATHSIG, signal.SIGHUP) != 0 or os.getppid() != parent:
+        os._exit(1)
 
 
 def launch(cmd: list[str], log) -> subprocess.Popen:
     """The training process, in a session of its own: a Ctrl-C at the terminal reaches it once,
     through the driver's forwarding (the CLI then checkpoints and exits with 130)."""
+    parent = os.getpid()
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_term_when_parent_dies if sys.platform.startswith("linux") else None)
+                            preexec_fn=(lambda: _term_when_parent_dies(parent)) if _PRCTL is not None else None)
 
 
 class _Flock:
