@@ -206,6 +206,8 @@ def build_trainer(args: argparse.Namespace, data, scenario, device: torch.device
         meta_opt = make_meta_optimizer(config, meta_net)
     trainer = AAATrainer(model, optimizer, meta_net=meta_net, meta_optimizer=meta_opt, config=config)
     trainer.grad_sync = ranks.average
+    if args.grad_bucket_mb > 0:
+        trainer.grad_reducer = ranks.overlapped_average(model, args.grad_bucket_mb)
     return trainer
 
 
@@ -234,7 +236,7 @@ class Run:
         # resume may raise to extend a run) and the data's content
         self.run_config = {k: v for k, v in vars(args).items()
                            if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "cuda_graphs",
-                                        "final_attack", "aa_version")}
+                                        "grad_bucket_mb", "final_attack", "aa_version")}
         self.run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
         self.run_hash = run_hash(self.run_config)
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")

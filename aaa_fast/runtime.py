@@ -152,6 +152,87 @@ def attempt_store(rank: int, world: int) -> dist.Store:
     return dist.PrefixStore(f"aaa_fast/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+class OverlappedGradAverage:
+    """A model's gradients averaged across ranks while its backward still runs, as DDP's reducer
+    does, for the one backward inside `during_backward()` (the real step's). Parameters go into
+    buckets of about `bucket_mb` MiB in reverse registration order (roughly the order the backward
+    produces their gradients); a bucket's all-reduce starts asynchronously once all its gradients
+    are accumulated and every earlier bucket has started, so every rank issues the same
+    collectives in the same order; leaving the context waits for them and writes the averages
+    back. Backwards outside it (the attacks' input gradients, the torch.func lookahead) accumulate
+    nothing into .grad, and are left alone. A parameter without a gradient contributes zeros and
+    keeps grad None, as `Distributed.average`, which skips it (its bucket, and every later one,
+    then waits for the end of the backward: correct, with less overlap)."""
+
+    def __init__(self, params, world: int, bucket_mb: float = 25.0, group=None):
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
+        self.world, self.group = world, group
+        params = [p for p in params if p.requires_grad]
+        self.buckets: list[list[torch.Tensor]] = []
+        size = 0
+        for p in reversed(params):
+            nbytes = p.numel() * p.element_size()
+            last = self.buckets[-1] if self.buckets else None
+            if last is None or size + nbytes > bucket_mb * 2 ** 20 or (p.dtype, p.device) != (last[0].dtype, last[0].device):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self._slot = {}  # id(param) -> (bucket, offset)
+        self._flats = []
+        for b, bucket in enumerate(self.buckets):
+            offset = 0
+            for p in bucket:
+                self._slot[id(p)] = (b, offset)
+                offset += p.numel()
+            self._flats.append(torch.zeros(offset, dtype=bucket[0].dtype, device=bucket[0].device))
+        self._armed = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+
+    def _ready(self, p: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        b, offset = self._slot[id(p)]
+        self._flats[b][offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+        self._filled.add(id(p))
+        self._waiting[b] -= 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while len(self._works) < len(self.buckets) and self._waiting[len(self._works)] == 0:
+            flat = self._flats[len(self._works)]
+            self._works.append(dist.all_reduce(flat, group=self.group, async_op=True))
+
+    @contextlib.contextmanager
+    def during_backward(self):
+        self._armed, self._filled, self._works = True, set(), []
+        self._waiting = [len(bucket) for bucket in self.buckets]
+        try:
+            yield
+        finally:
+            self._armed = False
+        for b, bucket in enumerate(self.buckets):  # parameters the backward did not reach
+            for p in bucket:
+                if id(p) not in self._filled:
+                    offset = self._slot[id(p)][1]
+                    self._flats[b][offset:offset + p.numel()].zero_()
+            self._waiting[b] = 0
+        self._launch_ready()
+        for work, flat, bucket in zip(self._works, self._flats, self.buckets):
+            work.wait()
+            flat /= self.world
+            offset = 0
+            for p in bucket:
+                if p.grad is not None:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
 class Distributed:
     """torchrun data parallelism: each rank takes its share of every global batch; gradients of
     the model and the meta-net are averaged, BatchNorm buffers follow rank 0."""
@@ -203,6 +284,10 @@ class Distributed:
         out = [None] * self.world
         dist.all_gather_object(out, obj, group=self.host_group)
         return out
+
+    def overlapped_average(self, model: torch.nn.Module, bucket_mb: float) -> OverlappedGradAverage | None:
+        """The model's gradient average overlapped with its backward (None without torchrun)."""
+        return OverlappedGradAverage(model.parameters(), self.world, bucket_mb) if self.world > 1 else None
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         if self.world > 1:

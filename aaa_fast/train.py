@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=CONFIG_DEFAULTS["cuda_graphs"],
                    help="on CUDA, replay the attacks from CUDA graphs (--no-cuda-graphs: eagerly; same results)")
+    g.add_argument("--grad-bucket-mb", type=number_arg(float, 0), default=25.0,
+                   help="torchrun: average the model's gradients in buckets of this many MiB while the backward "
+                        "runs (as DDP); 0: one all-reduce after the backward. Same results (2 ranks: bit for bit)")
     g.add_argument("--seed", type=number_arg(int, 0), default=0, help="seed of the data draw, noise and training")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a NaN/inf loss instead of stopping")
     g = p.add_argument_group("evaluation")

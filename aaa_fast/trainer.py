@@ -315,8 +315,11 @@ class AAATrainer:
         self._seen_low = torch.full((2,), math.inf, device=self.device)   # (x, y) minima of deferred checks
         self._seen_high = torch.full((2,), -math.inf, device=self.device)
         # data parallelism: called with the model's (and the meta-net's) gradients before each
-        # optimizer step, e.g. to average them across ranks (see aaa_fast.runtime.Distributed)
+        # optimizer step, e.g. to average them across ranks (see aaa_fast.runtime.Distributed);
+        # grad_reducer, when set, averages the model's gradients during the real step's backward
+        # instead (runtime.OverlappedGradAverage), and grad_sync is left to the meta-net
         self.grad_sync: Callable[[list[Tensor]], None] | None = None
+        self.grad_reducer = None
         self.method = method(self)
 
     # ------------------------------------------------------------------ helpers
@@ -442,9 +445,13 @@ class AAATrainer:
         if not self._device_skip and bad:  # a synchronisation, without a fused optimizer only
             return self._nonfinite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss.total).backward()
+        if self.grad_reducer is not None:
+            with self.grad_reducer.during_backward():
+                self.scaler.scale(loss.total).backward()
+        else:
+            self.scaler.scale(loss.total).backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if self.grad_sync is not None:
+        if self.grad_reducer is None and self.grad_sync is not None:
             self.grad_sync(grads)
         # fp16: the GradScaler skips steps with inf/NaN gradients and lowers its scale itself
         # (on the device with a fused optimizer); otherwise a non-finite gradient skips the step
