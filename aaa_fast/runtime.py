@@ -295,7 +295,10 @@ class Distributed:
                 dist.broadcast(b, 0)
 
     def close(self) -> None:
+        """Leave together: no rank exits (and, if its exit fails, has torchrun stop the others)
+        while rank 0 still writes the run's files."""
         if self.world > 1:
+            dist.barrier(group=self.host_group)
             dist.destroy_process_group()
 
 
