@@ -104,7 +104,10 @@ def run_cli(main, argv=None) -> None:
     message) prints it and exits with status 2, as argparse's own; unexpected errors end in one
     line and status 1 (AAA_FAST_DEBUG=1 shows the traceback); Ctrl-C exits with 130. A crash in
     native code (SIGSEGV, SIGABRT from std::terminate, ...) prints every thread's Python stack."""
-    faulthandler.enable()
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (captured)
+        pass
     try:
         main(argv)
     except SystemExit as stop:
