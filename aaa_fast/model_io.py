@@ -9,8 +9,44 @@ import math
 import torch
 from torch import Tensor, nn
 
-# names of the autocast precisions accepted by the trainer and the CLIs
+# names of the autocast precisions accepted by the trainer and the CLIs; "auto" is resolved by
+# resolve_amp to one of the others (AMP_CHOICES: what the CLIs offer)
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = (*AMP, "auto")
+# CPU flags (Linux /proc/cpuinfo) of native bf16 matrix arithmetic: without them bf16 is emulated
+# on the CPU and slower than fp32
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> tuple[str, str]:
+    """(precision, why): "auto" becomes "bf16" where `device` computes in bf16 natively (a CUDA
+    device with bf16 support; a CPU with AMX-BF16 or AVX512-BF16), else "none" (fp32); any other
+    name is returned as given."""
+    if amp != "auto":
+        return amp, "as asked"
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"auto: {name} computes in bf16"
+        return "none", f"auto: {name} has no native bf16, fp32"
+    if device.type == "cpu":
+        have = sorted(set(CPU_BF16_FLAGS) & cpu_flags())
+        if have:
+            return "bf16", f"auto: the CPU has {', '.join(have)}"
+        return "none", f"auto: the CPU has none of {', '.join(CPU_BF16_FLAGS)} (bf16 would be emulated), fp32"
+    return "none", f"auto: no bf16 rule for {device.type} devices, fp32"
 
 
 @contextlib.contextmanager

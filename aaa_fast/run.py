@@ -236,7 +236,7 @@ class Run:
         # resume may raise to extend a run) and the data's content
         self.run_config = {k: v for k, v in vars(args).items()
                            if k not in ("resume", "progress", "init", "out", "data_dir", "epochs", "tensorboard", "cuda_graphs",
-                                        "grad_bucket_mb", "final_attack", "aa_version")}
+                                        "grad_bucket_mb", "final_attack", "aa_version", "amp_choice")}
         self.run_config.update(world_size=ranks.world, data_fingerprint=data.fingerprint())
         self.run_hash = run_hash(self.run_config)
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -266,6 +266,10 @@ class Run:
         if state is not None:
             self.restore(state)
         self.write_config()
+        if ranks.is_main and args.amp_choice != "as asked":
+            layout = ", channels_last" if args.channels_last else ""
+            print(f"precision: {args.amp if args.amp != 'none' else 'fp32'}{layout} ({args.amp_choice}); "
+                  "evaluation in fp32", file=sys.stderr, flush=True)
         self.use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
         self.board = None
         if args.tensorboard and ranks.is_main:  # purge_step: a resumed run overwrites what followed its checkpoint
@@ -347,7 +351,7 @@ class Run:
         if self.ranks.is_main:
             args = self.args
             config = dict(self.run_config, data_dir=args.data_dir, epochs=args.epochs, final_attack=args.final_attack,
-                          aa_version=args.aa_version, config_hash=self.run_hash, scenario=self.scenario.info,
+                          aa_version=args.aa_version, amp_choice=args.amp_choice, config_hash=self.run_hash, scenario=self.scenario.info,
                           trainer_config=dataclasses.asdict(self.trainer.config), device=str(self.device),
                           torch=torch.__version__)
             write_json_atomic(config, os.path.join(args.out, "config.json"))

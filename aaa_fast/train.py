@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .model_io import AMP
+from .model_io import AMP_CHOICES, resolve_amp
 from .autoattack import VERSIONS
 from .cli import HelpFormatter, check_device, number_arg
 from .data import DATASETS, NOISE_KINDS
@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=number_arg(float, 0), default=5e-4, help="SGD weight decay")
     g.add_argument("--schedule", default="step", choices=["step", "cosine"],
                    help="lr schedule per step: step (x0.1 at 50%% and 75%% of the steps) or cosine")
-    g.add_argument("--amp", default=CONFIG_DEFAULTS["amp"], choices=list(AMP), help="autocast precision")
+    g.add_argument("--amp", default=CONFIG_DEFAULTS["amp"], choices=list(AMP_CHOICES),
+                   help="autocast precision of the attacks and the training step; auto: bf16 + channels_last where "
+                        "the device computes in bf16 natively (CUDA with bf16; a CPU with AMX-BF16 or AVX512-BF16), "
+                        "else fp32 (none)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=CONFIG_DEFAULTS["cuda_graphs"],
@@ -181,6 +184,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(args.device)
+    args.amp, args.amp_choice = resolve_amp(args.amp, args.device)
+    if args.amp_choice.startswith("auto"):
+        args.channels_last = args.channels_last or args.amp == "bf16"
     return args
 
 

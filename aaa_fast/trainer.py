@@ -35,8 +35,8 @@ from .evaluation import classwise_accuracy
 from .fairness import FairnessMultipliers
 from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet
 from .methods import DEFAULTS, Batch, get_method, method_names, step_stat_names
-from .model_io import (AMP, autocast, box_error, check_in_box, check_label_dtype, check_labels, check_logits, eval_mode,
-                       label_error, predict, unit_float)
+from .model_io import (AMP, AMP_CHOICES, autocast, box_error, check_in_box, check_label_dtype, check_labels, check_logits,
+                       eval_mode, label_error, predict, resolve_amp, unit_float)
 from .objective import INITIAL_CLASS_LOSS, OBJECTIVES
 # the collapse guard that goes with each way of starting the meta-network (1.0: off, as the reference)
 INIT_ANTI_CAP = {"trades": 0.5, "reference": 1.0}
@@ -171,8 +171,8 @@ class AAAConfig:
             raise ValueError(f"adv_loss must be 'kl' or 'ce', got {self.adv_loss!r}")
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        if self.amp not in AMP:
-            raise ValueError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.class_share is not None:
             share = list(self.class_share) if isinstance(self.class_share, (list, tuple)) else None
             if share is None or len(share) != self.num_classes:
@@ -267,7 +267,13 @@ def check_module_state(name: str, module: nn.Module, saved) -> None:
 class AAATrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, meta_net: MetaNet | None = None,
                  meta_optimizer: torch.optim.Optimizer | None = None, config: AAAConfig | None = None):
-        self.config = cfg = config or AAAConfig()
+        cfg = config or AAAConfig()
+        device = next(model.parameters()).device
+        # amp "auto": bf16 autocast + channels_last where the device computes in bf16, else fp32
+        amp, self.amp_choice = resolve_amp(cfg.amp, device)
+        if cfg.amp == "auto":
+            cfg = dataclasses.replace(cfg, amp=amp, channels_last=cfg.channels_last or amp == "bf16")
+        self.config = cfg
         method = get_method(cfg.method)
         method.check_trainer(optimizer, meta_net, meta_optimizer, cfg)
         check_optimizes("optimizer", optimizer, "model", model)
@@ -275,7 +281,7 @@ class AAATrainer:
             check_optimizes("meta_optimizer", meta_optimizer, "meta_net", meta_net)
         self.model, self.optimizer = model, optimizer
         self.meta_net, self.meta_optimizer = meta_net, meta_optimizer
-        self.device = next(model.parameters()).device
+        self.device = device
         if meta_net is not None:
             meta_net.to(self.device)
         if cfg.channels_last:

@@ -264,6 +264,25 @@ def test_tensorboard_logs_match_metrics_csv(tmp_path, data_dir):
     assert events.Scalars("final/pgd_acc")[0].value == pytest.approx(final["pgd_acc"], rel=1e-6)
 
 
+def test_amp_auto_is_resolved_once_recorded_and_announced(tmp_path, data_dir, monkeypatch, capsys):
+    """--amp auto on a CPU with native bf16 (mocked): config.json holds the resolved precision,
+    channels_last and why; the first line says it; the hash holds the resolved values, so the
+    same command resumes, and --amp bf16 --channels-last is the same run."""
+    from aaa_fast import model_io
+    from aaa_fast.train import main as train_main
+    monkeypatch.setattr(model_io, "cpu_flags", lambda: {"amx_bf16", "avx512_bf16"})
+    out = str(tmp_path / "r")
+    args = [*QUICK, "--epochs", "1", "--data-dir", data_dir, "--method", "trades", "--out", out]
+    train_main([*args, "--amp", "auto"])
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    assert (config["amp"], config["channels_last"]) == ("bf16", True)
+    assert config["amp_choice"] == "auto: the CPU has amx_bf16, avx512_bf16"
+    assert "precision: bf16, channels_last (auto: the CPU has amx_bf16, avx512_bf16); evaluation in fp32" in \
+        capsys.readouterr().err
+    train_main([*args, "--amp", "bf16", "--channels-last", "--resume"])  # same hash: finished, nothing to do
+    assert "is finished" in capsys.readouterr().err
+
+
 def test_final_autoattack_runs_in_fp32_after_bf16_training(tmp_path, data_dir):
     """--amp bf16 trains in bf16, but the final PGD and AutoAttack run in fp32: recomputed here in
     fp32 from the checkpoint (same images, same seeds), they give final.json's numbers exactly;

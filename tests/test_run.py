@@ -93,3 +93,49 @@ def test_meta_net_and_optimizer_follow_the_config():
 def test_meta_setting_errors(kwargs, text):
     with pytest.raises(ValueError, match=text):
         AAAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("flags,expected", [({"amx_bf16", "avx2"}, "bf16"), ({"avx512_bf16"}, "bf16"),
+                                            ({"avx2", "avx512f"}, "none"), (set(), "none")])
+def test_amp_auto_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, expected):
+    from aaa_fast import model_io
+    monkeypatch.setattr(model_io, "cpu_flags", lambda: flags)
+    amp, why = model_io.resolve_amp("auto", "cpu")
+    assert amp == expected and why.startswith("auto: ")
+    assert model_io.resolve_amp("fp16", "cpu") == ("fp16", "as asked")  # a precision asked for is kept
+    args = resolve_defaults(build_parser().parse_args(["--amp", "auto", "--device", "cpu"]))
+    assert (args.amp, args.channels_last) == (expected, expected == "bf16")  # bf16 comes with channels_last
+    explicit = resolve_defaults(build_parser().parse_args(["--amp", "bf16", "--device", "cpu"]))
+    assert (explicit.amp, explicit.channels_last, explicit.amp_choice) == ("bf16", False, "as asked")
+
+
+@pytest.mark.parametrize("supported,expected", [(True, "bf16"), (False, "none")])
+def test_amp_auto_on_cuda_follows_the_devices_bf16_support(monkeypatch, supported, expected):
+    from aaa_fast import model_io
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return supported
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None: "Some GPU")
+    amp, why = model_io.resolve_amp("auto", "cuda")
+    assert amp == expected and "Some GPU" in why and calls == [False]  # emulated bf16 does not count
+
+
+def test_trainer_amp_auto_resolves_once_to_bf16_with_channels_last(monkeypatch):
+    from aaa_fast import AAATrainer, model_io
+    from aaa_fast.models import build_model
+    monkeypatch.setattr(model_io, "cpu_flags", lambda: {"amx_bf16"})
+    torch.manual_seed(0)
+    model = build_model("small-cnn", in_channels=1, num_classes=4)
+    trainer = AAATrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         config=AAAConfig(method="pgd-at", num_classes=4, steps=1, amp="auto"))
+    assert (trainer.config.amp, trainer.config.channels_last, trainer.amp_dtype) == ("bf16", True, torch.bfloat16)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "amx_bf16" in trainer.amp_choice
+    monkeypatch.setattr(model_io, "cpu_flags", lambda: set())
+    plain = AAATrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       config=AAAConfig(method="pgd-at", num_classes=4, steps=1, amp="auto"))
+    assert (plain.config.amp, plain.amp_dtype) == ("none", None)
