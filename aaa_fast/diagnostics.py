@@ -52,20 +52,53 @@ class ChoiceDiagnostics:
         self.reset()
 
     def reset(self) -> None:
-        self._b, self._anti, self._index = [], [], []
+        self._b, self._anti, self._index, self._eps = [], [], [], []
 
     def state_dict(self) -> dict:
         return {"index": [t.cpu() for t in self._index], "b": [t.cpu() for t in self._b],
-                "anti": [t.cpu() for t in self._anti]}
+                "anti": [t.cpu() for t in self._anti], "eps": [t.cpu() for t in self._eps]}
 
     def load_state_dict(self, state: dict) -> None:
         self._index, self._b, self._anti = list(state["index"]), list(state["b"]), list(state["anti"])
+        self._eps = list(state.get("eps", []))  # checkpoints written before the bounds were kept
 
-    def add(self, index: Tensor, a: Tensor, b: Tensor) -> None:
-        """Kept on the training device: no host copy per step, one per epoch in `summary`."""
+    def add(self, index: Tensor, a: Tensor, b: Tensor, eps: Tensor | None = None) -> None:
+        """Kept on the training device: no host copy per step, one per epoch in `summary`.
+        eps: the rows' bounds eps_i (for the class-wise mean in `distributions`)."""
         self._index.append(index.detach())
         self._b.append(b.detach().float())
         self._anti.append((b > a).detach())
+        if eps is not None:
+            self._eps.append(eps.detach().float())
+
+    def groups(self, index: Tensor, true_labels: Tensor) -> dict[str, Tensor]:
+        """The rows' groups by name: corrupted / clean labels, else tail / head classes, else all."""
+        if self.corrupted is not None:
+            bad = self.corrupted[index]
+            return {"corrupted labels": bad, "clean labels": ~bad}
+        if self.tail_class is not None:
+            tail = self.tail_class[true_labels.cpu()[index]]
+            return {"tail classes": tail, "head classes": ~tail}
+        return {"all rows": torch.ones_like(index, dtype=torch.bool)}
+
+    def distributions(self, true_labels: Tensor, num_classes: int, bins: int = 20) -> dict | None:
+        """What mechanism.png shows of this epoch: each group's histogram of b_i over [0, 1] (the
+        share of the group's rows per bin) and the mean eps_i per true class (None: no rows)."""
+        if not self._index:
+            return None
+        index, b = torch.cat([t.cpu() for t in self._index]), torch.cat([t.cpu() for t in self._b])
+        hist = {}
+        for name, mask in self.groups(index, true_labels).items():
+            if bool(mask.any()):
+                counts = torch.histc(b[mask].clamp(0, 1), bins=bins, min=0, max=1)
+                hist[name] = (counts / counts.sum()).tolist()
+        eps_per_class = None
+        if self._eps and sum(t.numel() for t in self._eps) == index.numel():
+            eps, labels = torch.cat([t.cpu() for t in self._eps]), true_labels.cpu()[index]
+            total = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, eps.double())
+            count = torch.bincount(labels, minlength=num_classes).double()
+            eps_per_class = torch.where(count > 0, total / count.clamp(min=1), torch.nan).tolist()
+        return {"bins": bins, "b_hist": hist, "eps_per_class": eps_per_class}
 
     def summary(self, true_labels: Tensor) -> dict:
         """{field: value} for GROUP_FIELDS ('' where the group does not exist or saw no row)."""

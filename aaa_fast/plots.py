@@ -1,5 +1,6 @@
-"""The run's plots: curves.png (loss, lr, test accuracy per epoch) and classwise.png (final
-accuracy per class), written by python -m aaa_fast.train at the end of a run."""
+"""The run's plots: curves.png (loss, lr, test accuracy per epoch), classwise.png (final
+accuracy per class) and, for methods whose meta-network chooses each row's term (AAA and its
+variants), mechanism.png (what it chose), written by python -m aaa_fast.train at the end of a run."""
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ class PlotInfo:
     test_size: int      # test images of the final evaluation
 
 
-def make_plots(out: str, history: list[dict], final: dict, info: PlotInfo) -> None:
-    """curves.png (loss, lr, test accuracy per epoch) and classwise.png (final accuracy per class)."""
+def make_plots(out: str, history: list[dict], final: dict, info: PlotInfo, mechanism: dict | None = None) -> None:
+    """curves.png (loss, lr, test accuracy per epoch), classwise.png (final accuracy per class)
+    and, given the last epoch's `mechanism` (diagnostics.ChoiceDiagnostics.distributions),
+    mechanism.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,4 +83,64 @@ def make_plots(out: str, history: list[dict], final: dict, info: PlotInfo) -> No
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside the bars
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "classwise.png"))
+    plt.close(fig)
+    if mechanism is not None:
+        plot_mechanism(out, history, mechanism, names, run)
+
+
+# metrics.csv's anti-share columns per group, as the diagnostics name the groups
+GROUP_SHARES = {"corrupted labels": "anti_share_corrupted", "clean labels": "anti_share_clean",
+                "tail classes": "anti_share_tail", "head classes": "anti_share_head", "all rows": "frac_anti"}
+
+
+def plot_mechanism(out: str, history: list[dict], mechanism: dict, names: list[str], run: str) -> None:
+    """mechanism.png: the share of each group's rows sent to the anti-adversarial term per epoch
+    (with the AUROC of b_i for the corrupted labels where there is label noise), the last
+    epoch's distribution of b_i per group, and its mean eps_i per true class."""
+    import matplotlib.pyplot as plt  # the Agg backend is chosen by make_plots
+    from matplotlib.ticker import MaxNLocator
+
+    groups = list(mechanism["b_hist"])
+    fig, (ax_share, ax_b, ax_eps) = plt.subplots(1, 3, figsize=(15, 4.2))
+    epochs = [h["epoch"] for h in history]
+    for name in groups:
+        values = [(h["epoch"], h[GROUP_SHARES[name]]) for h in history if h.get(GROUP_SHARES[name]) not in (None, "")]
+        if values:
+            ax_share.plot(*zip(*values), marker="o", label=name)
+    aurocs = [(h["epoch"], h["anti_auroc_corrupted"]) for h in history if h.get("anti_auroc_corrupted") not in (None, "")]
+    if aurocs:
+        ax_auc = ax_share.twinx()
+        ax_auc.plot(*zip(*aurocs), color="tab:gray", linestyle="--", label="AUROC of b_i, corrupted")
+        ax_auc.set_ylim(0, 1)
+        ax_auc.set_ylabel("AUROC of b_i, corrupted (0.5: chance)")
+        ax_auc.legend(loc="lower right", fontsize="small")
+    ax_share.set_ylim(0, 1)
+    ax_share.set_xlabel("epoch")
+    ax_share.set_ylabel("share of rows with b_i > a_i (anti term)")
+    ax_share.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax_share.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax_share.legend(loc="upper left", fontsize="small")
+    ax_share.set_title("rows sent to the anti-adversarial term", fontsize="medium")
+    bins = mechanism["bins"]
+    centres = [(k + 0.5) / bins for k in range(bins)]
+    width = 1 / bins / max(len(groups), 1)
+    for j, name in enumerate(groups):
+        ax_b.bar([c - 0.5 / bins + (j + 0.5) * width for c in centres], mechanism["b_hist"][name], width=width, label=name)
+    ax_b.set_xlim(0, 1)
+    ax_b.set_xlabel("b_i, the weight of the row's anti-adversarial term")
+    ax_b.set_ylabel("share of the group's rows")
+    ax_b.legend(loc="upper center", fontsize="small")
+    ax_b.set_title(f"b_i in the last epoch ({epochs[-1]})", fontsize="medium")
+    eps = mechanism["eps_per_class"]
+    if eps is not None:
+        idx = list(range(len(eps)))
+        ax_eps.bar(idx, eps, color="tab:green")
+        ax_eps.set_xticks(idx, names[:len(eps)], rotation=45 if len(eps) <= 20 else 90, ha="right", fontsize="small")
+        ax_eps.set_ylabel("mean eps_i of the class's rows")
+    ax_eps.set_title(f"per-sample bounds eps_i by true class, epoch {epochs[-1]}", fontsize="medium")
+    for ax in (ax_share, ax_b, ax_eps):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run}: what the meta-network chose")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out, "mechanism.png"))
     plt.close(fig)

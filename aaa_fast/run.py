@@ -58,6 +58,18 @@ LATER_SETTINGS = {name: CONFIG_DEFAULTS[name]
                   for name in ("norm", "adv_loss", "s_min", "s_max", "fixed_weights", "tau", "rho1", "rho2")}
 
 
+def group_shares(row: dict) -> str:
+    """' (corrupted labels 0.81, clean 0.12, AUROC 0.93)' or ' (tail classes 0.20, head 0.05)'
+    from a metrics row (a group without rows is left out), '' where the scenario has neither."""
+    for fields in ((("corrupted labels", "anti_share_corrupted"), ("clean", "anti_share_clean"),
+                    ("AUROC", "anti_auroc_corrupted")),
+                   (("tail classes", "anti_share_tail"), ("head", "anti_share_head"))):
+        parts = [f"{label} {row[key]:.2f}" for label, key in fields if row.get(key, "") != ""]
+        if parts:
+            return f" ({', '.join(parts)})"
+    return ""
+
+
 def run_hash(run_config: dict) -> str:
     return config_hash({k: v for k, v in run_config.items()
                         if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])})
@@ -78,7 +90,7 @@ def check_data_settings(args: argparse.Namespace, num_classes: int, scenario_inf
 
 
 # the files a run writes into --out besides its checkpoints
-RESULT_FILES = ("config.json", "metrics.csv", "final.json", "curves.png", "classwise.png")
+RESULT_FILES = ("config.json", "metrics.csv", "final.json", "curves.png", "classwise.png", "mechanism.png")
 
 
 def final_epochs(out: str):
@@ -262,7 +274,7 @@ class Run:
         self.test_x, self.test_y = final_test_set(data, args.test_subset, device)
         self.shuffle = torch.Generator().manual_seed(args.seed + SHUFFLE_SEED_OFFSET)
         self.augment_gen = torch.Generator(device=device).manual_seed(args.seed + AUGMENT_SEED_OFFSET)
-        self.history, self.best, self.start_epoch, self.position = [], None, 0, None
+        self.history, self.best, self.start_epoch, self.position, self.mechanism = [], None, 0, None, None
         if state is not None:
             self.restore(state)
         self.write_config()
@@ -346,6 +358,7 @@ class Run:
         self.augment_gen.set_state(state["augment_rng"])
         self.history, self.best, self.start_epoch = state["history"], state["best"], state["epoch"]
         self.position = state.get("position")  # set when a signal stopped the run inside an epoch
+        self.mechanism = state.get("mechanism")  # absent in checkpoints written before mechanism.png
 
     def write_config(self) -> None:
         if self.ranks.is_main:
@@ -364,7 +377,8 @@ class Run:
                 save_rotating({"config_hash": self.run_hash, "epoch": epochs_done, "trainer": self.trainer.state_dict(),
                                "rank_states": rank_states, "scheduler": self.scheduler.state_dict(),
                                "shuffle_rng": self.shuffle.get_state(), "augment_rng": self.augment_gen.get_state(),
-                               "history": self.history, "best": self.best, "position": position}, self.ckpt_path)
+                               "history": self.history, "best": self.best, "position": position,
+                               "mechanism": self.mechanism}, self.ckpt_path)
 
     @contextlib.contextmanager
     def stop_on_nonfinite(self, epoch: int):
@@ -428,7 +442,7 @@ class Run:
             self.scheduler.step()
             ranks.broadcast_buffers(trainer.model)
             if trainer.last_choice is not None:
-                self.choices.add(idx, *trainer.last_choice)
+                self.choices.add(idx, *trainer.last_choice, trainer.last_eps)
             if self.board is not None:
                 step_no = epoch * self.steps_per_epoch + i + 1
                 self.board.add_scalar("step/lr", optimizer.param_groups[0]["lr"], step_no)
@@ -445,6 +459,8 @@ class Run:
                 self.stop(f"stopped after step {i + 1}/{self.steps_per_epoch} of epoch {epoch + 1}; checkpoint "
                           f"written to {self.ckpt_path}; continue with --resume")
         self.add_step_stats(sums, epoch)
+        if trainer.method.chooses_rows:  # for mechanism.png: the last epoch's b_i and eps_i
+            self.mechanism = self.choices.distributions(self.scenario.train_y_clean, self.data.num_classes)
         trainer.reduce_epoch_losses(ranks.sum_)
         trainer.end_epoch(fairness=False)
         n = max(sums["steps"], 1)
@@ -487,7 +503,7 @@ class Run:
             self.board.flush()
         acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
                if row["test_clean_acc"] != "" else "")
-        anti = f", anti share {row['frac_anti']:.2f}" if self.trainer.method.chooses_rows else ""
+        anti = f", anti share {row['frac_anti']:.2f}{group_shares(row)}" if self.trainer.method.chooses_rows else ""
         print(f"epoch {row['epoch']}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
               f"lr {self.trainer.optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
 
@@ -511,7 +527,8 @@ class Run:
                 write_json_atomic(final, os.path.join(args.out, "final.json"))
             make_plots(args.out, history, final, PlotInfo(args.method, args.dataset, args.arch, args.seed, args.eps,
                                                           args.eval_eps, args.eval_steps, args.eval_subset,
-                                                          test_size=self.test_y.shape[0]))
+                                                          test_size=self.test_y.shape[0]),
+                       mechanism=self.mechanism if self.trainer.method.chooses_rows else None)
             if self.board is not None:
                 for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err", "aa_acc", "aa_avg_rob_err",
                             "aa_worst_rob_err"):
@@ -519,6 +536,9 @@ class Run:
                         self.board.add_scalar(f"final/{key}", final[key], args.epochs)
                 self.board.close()
             print(format_final(final), flush=True)
+            if self.trainer.method.chooses_rows and history:
+                print(f"last epoch's choices: anti share {history[-1]['frac_anti']:.2f}{group_shares(history[-1])}; "
+                      f"see {os.path.join(args.out, 'mechanism.png')}", flush=True)
         ranks.close()
         if self.out_lock is not None:
             self.out_lock.release()

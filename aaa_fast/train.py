@@ -6,7 +6,7 @@
 
 Writes under --out: config.json, metrics.csv (one row per epoch), checkpoint.pt (atomic, every
 epoch; --resume continues exactly), best.pt, final.json (clean, PGD, class-wise and worst-class
-results on the test set), curves.png and classwise.png.
+results on the test set), curves.png, classwise.png and, for AAA and its variants, mechanism.png.
 """
 from __future__ import annotations
 

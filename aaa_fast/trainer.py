@@ -301,6 +301,7 @@ class AAATrainer:
         self._epoch_loss_count = torch.zeros(c, dtype=torch.float64, device=self.device)
         self.iteration = 0
         self.last_choice: tuple[Tensor, Tensor] | None = None  # the last step's rows' (a, b)
+        self.last_eps: Tensor | None = None  # and their bounds eps_i
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         # Host synchronisations: none in a step once the first batch is checked. Later batches
         # already on the device are checked there and a bad one raises at the next read_stats();
@@ -440,7 +441,7 @@ class AAATrainer:
         kept on the device until read; read_stats() gives their means since its last call. The
         rows' (a, b) stay in `last_choice`."""
         model = self.model
-        self.last_choice = None
+        self.last_choice = self.last_eps = None
         x, y = self.inputs(x, y)
         n = x.shape[0]
         batch = Batch(x, y, self.row_bounds(y), *self.class_weights, x_meta, y_meta, corrupted)
@@ -483,6 +484,7 @@ class AAATrainer:
         a_rows = plan.a.float() if isinstance(plan.a, Tensor) else torch.full((n,), plan.a, device=self.device)
         b_rows = plan.b.float() if isinstance(plan.b, Tensor) else torch.full((n,), plan.b, device=self.device)
         self.last_choice = (a_rows, b_rows)
+        self.last_eps = batch.eps if plan.eps is None else plan.eps
         meta_grad_norm = plan.meta_grad_norm
         values = {"loss": loss.total.detach(), **{k: t.detach() for k, t in loss.terms.items()},
                   "mean_eps": (batch.eps if plan.eps is None else plan.eps).mean(),

@@ -34,6 +34,10 @@ def test_every_method_end_to_end(tmp_path, data_dir, method):
     res = run_cli([*QUICK, "--data-dir", data_dir, "--method", method, *noise, "--out", str(out)])
     for name in ("config.json", "metrics.csv", "final.json", "checkpoint.pt", "best.pt", "curves.png", "classwise.png"):
         assert (out / name).exists(), name
+    # what the meta-network chose, for the methods where it chooses each row's term
+    assert (out / "mechanism.png").exists() == get_method(method).chooses_rows
+    if get_method(method).chooses_rows:
+        assert "last epoch's choices: anti share" in res.stdout
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     final = json.loads((out / "final.json").read_text())

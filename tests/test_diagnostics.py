@@ -56,3 +56,31 @@ def test_tail_classes_are_the_smaller_half():
     assert tail_classes(torch.tensor([5, 5, 5])) is None
     assert tail_classes(torch.tensor([100, 3, 50, 10])).tolist() == [False, True, False, True]
     assert tail_classes(torch.tensor([9, 1, 4, 2, 7])).tolist() == [False, True, False, True, False]
+
+
+def test_distributions_by_hand():
+    """mechanism.png's data: each group's b_i histogram as shares of its rows, and the mean eps_i
+    per true class, from rows added over two steps."""
+    corrupted = torch.tensor([True, False, False, True, False, False])
+    diag = ChoiceDiagnostics(corrupted, None)
+    true_labels = torch.tensor([0, 1, 1, 2, 0, 2])
+    diag.add(torch.tensor([0, 1, 2]), torch.zeros(3), torch.tensor([0.95, 0.05, 0.15]), torch.tensor([0.1, 0.2, 0.3]))
+    diag.add(torch.tensor([3, 4, 5]), torch.zeros(3), torch.tensor([0.85, 0.05, 0.05]), torch.tensor([0.4, 0.5, 0.6]))
+    got = diag.distributions(true_labels, num_classes=4, bins=10)
+    assert got["bins"] == 10 and set(got["b_hist"]) == {"corrupted labels", "clean labels"}
+    bad = got["b_hist"]["corrupted labels"]  # rows 0 and 3: b 0.95 and 0.85
+    assert bad[9] == pytest.approx(0.5) and bad[8] == pytest.approx(0.5) and sum(bad) == pytest.approx(1)
+    clean = got["b_hist"]["clean labels"]  # rows 1, 2, 4, 5: b 0.05, 0.15, 0.05, 0.05
+    assert clean[0] == pytest.approx(0.75) and clean[1] == pytest.approx(0.25)
+    # class 0: rows 0, 4 (0.1, 0.5); class 1: rows 1, 2 (0.2, 0.3); class 2: rows 3, 5 (0.4, 0.6); class 3: none
+    eps = got["eps_per_class"]
+    assert eps[:3] == pytest.approx([0.3, 0.25, 0.5]) and math.isnan(eps[3])
+    # restored mid-epoch from a checkpoint, the same; no eps given: no class-wise bounds
+    again = ChoiceDiagnostics(corrupted, None)
+    again.load_state_dict(diag.state_dict())
+    assert again.distributions(true_labels, 4, bins=10)["b_hist"] == got["b_hist"]
+    plain = ChoiceDiagnostics(None, None)
+    plain.add(torch.tensor([0, 1]), torch.zeros(2), torch.tensor([0.5, 0.5]))
+    assert plain.distributions(true_labels, 4)["eps_per_class"] is None
+    assert list(plain.distributions(true_labels, 4)["b_hist"]) == ["all rows"]
+    assert ChoiceDiagnostics(None, None).distributions(true_labels, 4) is None
