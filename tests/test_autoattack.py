@@ -60,6 +60,17 @@ def torchattacks_robust(attack, model, x, y):
     return model(attack(x, y)).argmax(1) == y
 
 
+def assert_misclassified(model, x_adv, y, tolerance=5e-3):
+    """Every row of x_adv is misclassified: its best wrong logit above the true one. Up to
+    `tolerance`: float32 convolutions differ with the batch's composition (the CPU library picks
+    an algorithm per shape; a point broken inside the attack's batch re-evaluated alone at a
+    margin of -1.3e-3 on an AVX2 CPU); a wrong adversarial is off by whole logits."""
+    logits = model(x_adv)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    margin = logits.scatter(1, y[:, None], -torch.inf).amax(1) - true
+    assert (margin > -tolerance).all(), f"margins of the broken points, lowest: {sorted(margin.tolist())[:5]}"
+
+
 @on_real_data
 def test_apgd_ce_and_apgd_t_match_torchattacks_per_point(trained):
     import torchattacks
@@ -73,7 +84,7 @@ def test_apgd_ce_and_apgd_t_match_torchattacks_per_point(trained):
     assert torch.equal(ours, theirs)  # the same random starts (seed 0): the same points survive
     # every broken point is a checked certificate: misclassified, inside the ball and the box
     broken = ~ours & (model(x).argmax(1) == y)
-    assert (model(x_adv[broken]).argmax(1) != y[broken]).all()
+    assert_misclassified(model, x_adv[broken], y[broken])
     assert (x_adv - x).abs().max() <= EPS + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
 
     seq, _ = apgd(model, x, y, eps=EPS, loss="dlr-targeted", stack_targets=False,
@@ -86,7 +97,8 @@ def test_apgd_ce_and_apgd_t_match_torchattacks_per_point(trained):
     # the stacked targets draw other starts: the same attack, robust accuracy within 1 point
     assert abs(stacked.float().mean().item() - theirs_t.float().mean().item()) <= 0.01
     broken = ~stacked & (model(x).argmax(1) == y)
-    assert (model(x_t[broken]).argmax(1) != y[broken]).all() and (x_t - x).abs().max() <= EPS + 1e-6
+    assert_misclassified(model, x_t[broken], y[broken])
+    assert (x_t - x).abs().max() <= EPS + 1e-6
     assert not (stacked & (model(x).argmax(1) != y)).any()  # a misclassified point is never robust
 
 
@@ -276,7 +288,10 @@ def test_masking_report_flags_a_masked_model_and_not_a_normal_one(trained):
     normal = masking_report(model, x, y, eps=EPS, num_classes=10, aa_version="fast")
     assert not normal["masking_suspected"], normal["flags"]
     acc = normal["accuracy"]
-    assert acc["clean"] > acc["PGD-20"] >= acc["PGD-100 x 5 restarts"] >= acc["AutoAttack fast"]
+    # each attack on its own random starts: a stronger one may leave a single point more
+    point = 100 / y.shape[0]
+    assert acc["clean"] > acc["PGD-20"] >= acc["PGD-100 x 5 restarts"] - point
+    assert acc["PGD-100 x 5 restarts"] >= acc["AutoAttack fast"] - point
     assert normal["eps_sweep"][-1]["apgd_ce_acc"] == 0.0 and normal["eps_sweep"][-1]["eps"] == 1.0
 
     masked = masking_report(RoundedInput(model).eval(), x, y, eps=EPS, num_classes=10, aa_version="fast")
