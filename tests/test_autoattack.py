@@ -289,7 +289,7 @@ def test_masking_report_flags_a_masked_model_and_not_a_normal_one(trained):
     assert not normal["masking_suspected"], normal["flags"]
     acc = normal["accuracy"]
     # each attack on its own random starts: a stronger one may leave a single point more
-    point = 100 / y.shape[0]
+    point = 100 / y.shape[0] + 1e-4  # one image, in %, above float rounding
     assert acc["clean"] > acc["PGD-20"] >= acc["PGD-100 x 5 restarts"] - point
     assert acc["PGD-100 x 5 restarts"] >= acc["AutoAttack fast"] - point
     assert normal["eps_sweep"][-1]["apgd_ce_acc"] == 0.0 and normal["eps_sweep"][-1]["eps"] == 1.0
