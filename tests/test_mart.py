@@ -69,4 +69,7 @@ def test_mart_step_equals_pgd_ce_then_the_published_loss():
         opt.step()
         assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
     for p, q in zip(trainer.model.parameters(), model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        # float32 convolutions differ in their last bits from one CPU kernel choice (and thread
+        # split) to another: up to 1.5e-5 seen on an AVX2 CPU; a wrong loss moves the weights by
+        # lr x gradient, ~1e-3
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-4)
