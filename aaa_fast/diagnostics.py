@@ -15,6 +15,9 @@ from torch import Tensor
 
 # metrics.csv columns this module fills (blank where a scenario has no such group)
 GROUP_FIELDS = ["anti_share_corrupted", "anti_share_clean", "anti_share_tail", "anti_share_head", "anti_auroc_corrupted"]
+# the groups `ChoiceDiagnostics.groups` names, with the metrics.csv column of each one's anti share
+GROUP_SHARES = {"corrupted labels": "anti_share_corrupted", "clean labels": "anti_share_clean",
+                "tail classes": "anti_share_tail", "head classes": "anti_share_head", "all rows": "frac_anti"}
 
 
 def auroc(scores: Tensor, positive: Tensor) -> float:

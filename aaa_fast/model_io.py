@@ -29,12 +29,15 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+AS_ASKED = "as asked"  # resolve_amp's reason for a precision that was named, not chosen
+
+
 def resolve_amp(amp: str, device: torch.device | str) -> tuple[str, str]:
     """(precision, why): "auto" becomes "bf16" where `device` computes in bf16 natively (a CUDA
     device with bf16 support; a CPU with AMX-BF16 or AVX512-BF16), else "none" (fp32); any other
     name is returned as given."""
     if amp != "auto":
-        return amp, "as asked"
+        return amp, AS_ASKED
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -48,6 +51,12 @@ def resolve_amp(amp: str, device: torch.device | str) -> tuple[str, str]:
         return "none", f"auto: the CPU has none of {', '.join(CPU_BF16_FLAGS)} (bf16 would be emulated), fp32"
     return "none", f"auto: no bf16 rule for {device.type} devices, fp32"
 
+
+
+def resolve_precision(amp: str, channels_last: bool, device: torch.device | str) -> tuple[str, bool, str]:
+    """(precision, channels_last, why): resolve_amp's choice; "auto" brings channels_last with bf16."""
+    resolved, why = resolve_amp(amp, device)
+    return resolved, channels_last or (amp == "auto" and resolved == "bf16"), why
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):

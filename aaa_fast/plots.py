@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .checkpoint import atomic_write
 from .data import CLASS_NAMES
+from .diagnostics import GROUP_SHARES
 
 
 def save_figure(fig, path: str) -> None:
@@ -86,11 +87,6 @@ def make_plots(out: str, history: list[dict], final: dict, info: PlotInfo, mecha
     plt.close(fig)
     if mechanism is not None:
         plot_mechanism(out, history, mechanism, names, run)
-
-
-# metrics.csv's anti-share columns per group, as the diagnostics name the groups
-GROUP_SHARES = {"corrupted labels": "anti_share_corrupted", "clean labels": "anti_share_clean",
-                "tail classes": "anti_share_tail", "head classes": "anti_share_head", "all rows": "frac_anti"}
 
 
 def plot_mechanism(out: str, history: list[dict], mechanism: dict, names: list[str], run: str) -> None:

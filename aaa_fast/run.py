@@ -24,6 +24,7 @@ from .data import DatasetError, build_scenario, load_dataset, random_crop_flip
 from .diagnostics import GROUP_FIELDS, ChoiceDiagnostics, tail_classes
 from .evaluation import (EvalConfig, check_test_subset, evaluate_split, final_evaluation, final_test_set, format_final,
                          model_for)
+from .model_io import AS_ASKED
 from .plots import PlotInfo, make_plots
 from .runtime import Distributed, ProgressLines, RunDirLock, StopRequested, check_out_dir, keep_cpu_memory
 from .methods import get_method, step_stat_names
@@ -278,7 +279,7 @@ class Run:
         if state is not None:
             self.restore(state)
         self.write_config()
-        if ranks.is_main and args.amp_choice != "as asked":
+        if ranks.is_main and args.amp_choice != AS_ASKED:
             layout = ", channels_last" if args.channels_last else ""
             print(f"precision: {args.amp if args.amp != 'none' else 'fp32'}{layout} ({args.amp_choice}); "
                   "evaluation in fp32", file=sys.stderr, flush=True)
@@ -528,7 +529,7 @@ class Run:
             make_plots(args.out, history, final, PlotInfo(args.method, args.dataset, args.arch, args.seed, args.eps,
                                                           args.eval_eps, args.eval_steps, args.eval_subset,
                                                           test_size=self.test_y.shape[0]),
-                       mechanism=self.mechanism if self.trainer.method.chooses_rows else None)
+                       mechanism=self.mechanism)
             if self.board is not None:
                 for key in ("clean_acc", "pgd_acc", "avg_rob_err", "worst_rob_err", "aa_acc", "aa_avg_rob_err",
                             "aa_worst_rob_err"):

@@ -191,7 +191,8 @@ class OverlappedGradAverage:
                 offset += p.numel()
             self._flats.append(torch.zeros(offset, dtype=bucket[0].dtype, device=bucket[0].device))
         self._armed = False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._ready)
 
     def _ready(self, p: torch.Tensor) -> None:
         if not self._armed:
@@ -230,10 +231,6 @@ class OverlappedGradAverage:
                 if p.grad is not None:
                     p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
 
 
 class Distributed:

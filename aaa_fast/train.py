@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .model_io import AMP_CHOICES, resolve_amp
+from .model_io import AMP_CHOICES, resolve_precision
 from .autoattack import VERSIONS
 from .cli import HelpFormatter, check_device, number_arg
 from .data import DATASETS, NOISE_KINDS
@@ -184,9 +184,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(args.device)
-    args.amp, args.amp_choice = resolve_amp(args.amp, args.device)
-    if args.amp_choice.startswith("auto"):
-        args.channels_last = args.channels_last or args.amp == "bf16"
+    args.amp, args.channels_last, args.amp_choice = resolve_precision(args.amp, args.channels_last, args.device)
     return args
 
 

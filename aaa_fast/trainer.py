@@ -36,7 +36,7 @@ from .fairness import FairnessMultipliers
 from .meta import HIDDEN, INIT_TEMPERATURE, META_INITS, S_RANGE, START_A, MetaNet
 from .methods import DEFAULTS, Batch, get_method, method_names, step_stat_names
 from .model_io import (AMP, AMP_CHOICES, autocast, box_error, check_in_box, check_label_dtype, check_labels, check_logits,
-                       eval_mode, label_error, predict, resolve_amp, unit_float)
+                       eval_mode, label_error, predict, resolve_precision, unit_float)
 from .objective import INITIAL_CLASS_LOSS, OBJECTIVES
 # the collapse guard that goes with each way of starting the meta-network (1.0: off, as the reference)
 INIT_ANTI_CAP = {"trades": 0.5, "reference": 1.0}
@@ -270,9 +270,9 @@ class AAATrainer:
         cfg = config or AAAConfig()
         device = next(model.parameters()).device
         # amp "auto": bf16 autocast + channels_last where the device computes in bf16, else fp32
-        amp, self.amp_choice = resolve_amp(cfg.amp, device)
-        if cfg.amp == "auto":
-            cfg = dataclasses.replace(cfg, amp=amp, channels_last=cfg.channels_last or amp == "bf16")
+        amp, channels_last, self.amp_choice = resolve_precision(cfg.amp, cfg.channels_last, device)
+        if (amp, channels_last) != (cfg.amp, cfg.channels_last):
+            cfg = dataclasses.replace(cfg, amp=amp, channels_last=channels_last)
         self.config = cfg
         method = get_method(cfg.method)
         method.check_trainer(optimizer, meta_net, meta_optimizer, cfg)
