@@ -117,17 +117,18 @@ LOSS_KINDS = ("ce", "kl", "pair-kl", "pair-ce")
 
 def loss_for(kind: str, clean_logits: Tensor | None) -> LossFn:
     """The per-sample attack loss `kind` names: "ce"; "kl" (TRADES: KL from `clean_logits`);
-    "pair-kl" / "pair-ce": the AAA pair's 2N rows, the first N ascending KL (or CE), the last N
-    descending CE (their direction is -1), with the N labels shared by both halves."""
+    "pair-kl" / "pair-ce": the AAA pair's rows, the first clean_logits.shape[0] (the adversarial
+    rows, whose clean logits these are) ascending KL (or CE), the rest descending CE (their
+    direction is -1); y holds every row's label."""
     if kind == "ce":
         return cross_entropy
     if kind == "kl":
         return kl_to_clean(clean_logits)
     adv_rows = kl_to_clean(clean_logits) if kind == "pair-kl" else cross_entropy
+    n_adv = clean_logits.shape[0]
 
     def pair_loss(logits: Tensor, y: Tensor) -> Tensor:
-        n = y.shape[0]
-        return torch.cat([adv_rows(logits[:n], y), cross_entropy(logits[n:], y)])
+        return torch.cat([adv_rows(logits[:n_adv], y[:n_adv]), cross_entropy(logits[n_adv:], y[n_adv:])])
     return pair_loss
 
 
@@ -293,20 +294,33 @@ def adversarial_pair(model: nn.Module, x: Tensor, y: Tensor, *, eps=10 / 255, st
 def build_pair(model: nn.Module, x: Tensor, y: Tensor, clean_logits: Tensor, eps: Tensor, alpha: Tensor, *,
                steps: int, adv_loss: str = "kl", norm: str = "linf", random_start="normal", lo: float = 0.0,
                hi: float = 1.0, amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
-               keep_unprojected: bool = False, graphs: AttackGraphs | None = None):
+               keep_unprojected: bool = False, graphs: AttackGraphs | None = None,
+               adv_rows: Tensor | None = None, anti_rows: Tensor | None = None):
     """adversarial_pair's engine for callers that already hold the clean logits (the trainer):
-    validated float32 (2N,) eps/alpha, model already in eval mode. Returns the 2N rows
-    (adversarial first), and with keep_unprojected also their last unprojected iterate (eager
-    then; otherwise replayed from `graphs` when given)."""
-    n, device = x.shape[0], x.device
-    x2 = torch.cat([x, x])
-    direction = torch.ones(2 * n, device=device)
-    direction[n:] = -1
-    start = torch.cat([starting_point(x, eps[:n], random_start, norm, lo, hi, generator),
-                       starting_point(x, eps[n:], random_start, norm, lo, hi, generator)])
+    validated float32 (2N,) eps/alpha (the adversarial half first), model already in eval mode.
+    adv_rows / anti_rows: indices of the rows that get an adversarial / anti-adversarial example
+    (None: every row; the trainer's min_row_weight attacks only rows whose weight counts).
+    Returns the adversarial examples, then the anti-adversarial ones, and with keep_unprojected
+    also their last unprojected iterate (eager then; otherwise replayed from `graphs` when given)."""
+    n = x.shape[0]
+
+    def pick(rows, t):
+        return t if rows is None else t[rows]
+    x_adv, x_anti = pick(adv_rows, x), pick(anti_rows, x)
+    eps_adv, eps_anti = pick(adv_rows, eps[:n]), pick(anti_rows, eps[n:])
+    x2 = torch.cat([x_adv, x_anti])
+    y2 = torch.cat([pick(adv_rows, y), pick(anti_rows, y)])
+    eps2 = eps if adv_rows is None and anti_rows is None else torch.cat([eps_adv, eps_anti])
+    alpha2 = alpha if adv_rows is None and anti_rows is None else torch.cat([pick(adv_rows, alpha[:n]),
+                                                                             pick(anti_rows, alpha[n:])])
+    direction = torch.ones(x2.shape[0], device=x.device)
+    direction[x_adv.shape[0]:] = -1
+    start = torch.cat([starting_point(x_adv, eps_adv, random_start, norm, lo, hi, generator),
+                       starting_point(x_anti, eps_anti, random_start, norm, lo, hi, generator)])
     kind = "pair-kl" if adv_loss == "kl" else "pair-ce"
+    clean_adv = pick(adv_rows, clean_logits)
     if keep_unprojected:
-        return run_pgd(model, x2, start, y, loss_for(kind, clean_logits), direction, eps, alpha, steps, norm, lo, hi,
+        return run_pgd(model, x2, start, y2, loss_for(kind, clean_adv), direction, eps2, alpha2, steps, norm, lo, hi,
                        amp_dtype, keep_unprojected=True)
-    return run_attack(model, kind, x2, start, y, clean_logits, direction, eps, alpha, steps=steps, norm=norm, lo=lo,
+    return run_attack(model, kind, x2, start, y2, clean_adv, direction, eps2, alpha2, steps=steps, norm=norm, lo=lo,
                       hi=hi, amp_dtype=amp_dtype, graphs=graphs)

@@ -66,11 +66,14 @@ class LossTerms:
 def weighted_objective(y: Tensor, nat_logits: Tensor, *, a: Tensor | float = 1.0, u: Tensor | None = None,
                        adv_logits: Tensor | None = None, v: Tensor | None = None, lam: float = 0.0,
                        anti_logits: Tensor | None = None, b: Tensor | float = 0.0,
-                       a_boundary: Tensor | float | None = None) -> LossTerms:
+                       a_boundary: Tensor | float | None = None, adv_index: Tensor | None = None,
+                       anti_index: Tensor | None = None) -> LossTerms:
     """The three-term objective above. u, v: (C,) class weights (None: all 1); a, b: (N,) or numbers.
     A term whose logits are None (or lam = 0) is left out. `a_boundary` weights the KL term in
     place of a: 1.0 is the "kl-all" objective (extension), in which a row sent to the anti term
-    keeps its label-free adversarial term."""
+    keeps its label-free adversarial term. adv_index / anti_index: the rows of the batch that
+    adv_logits / anti_logits belong to (None: every row); the others' terms count as 0, the
+    normalisers stay the whole batch's."""
     ce = per_sample_ce(nat_logits, y)
     u_rows = u[y] if u is not None else torch.ones_like(ce)
     natural = (a * u_rows * ce).sum() / u_rows.sum()
@@ -79,8 +82,14 @@ def weighted_objective(y: Tensor, nat_logits: Tensor, *, a: Tensor | float = 1.0
     if adv_logits is not None and lam != 0:
         v_rows = v[y] if v is not None else torch.ones_like(ce)
         a_kl = a if a_boundary is None else a_boundary
-        boundary = (a_kl * v_rows * per_sample_kl(nat_logits, adv_logits)).sum() / v_rows.sum()
+        kl = per_sample_kl(rows_of(nat_logits, adv_index), adv_logits)
+        boundary = (rows_of(a_kl * v_rows, adv_index) * kl).sum() / v_rows.sum()
     anti = zero
     if anti_logits is not None:
-        anti = (b * per_sample_ce(anti_logits, y)).sum() / y.shape[0]
+        anti = (rows_of(b, anti_index) * per_sample_ce(anti_logits, rows_of(y, anti_index))).sum() / y.shape[0]
     return LossTerms(natural + lam * boundary + anti, natural, boundary, anti, ce.detach())
+
+
+def rows_of(t: Tensor | float, index: Tensor | None) -> Tensor | float:
+    """t's rows `index` (all of them for None; a number stands for every row)."""
+    return t if index is None or not isinstance(t, Tensor) else t[index]

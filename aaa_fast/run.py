@@ -47,16 +47,20 @@ def csv_name(method: str, stat: str) -> str:
 
 def metric_fields(method: str) -> list[str]:
     """metrics.csv's columns: the trainer's step statistics averaged over an epoch's steps
-    (frac_anti: share of rows with b > a; grad_band: share with a(1 - a) > 1e-3), meta_grad_norm
-    (mean over its meta steps), what the meta-network chose per group, the evaluation."""
-    return ["epoch", "lr", *[csv_name(method, k) for k in step_stat_names(method)], "meta_grad_norm", *GROUP_FIELDS, "skipped",
+    (frac_anti: share of rows with b > a; grad_band: share with a(1 - a) > 1e-3; rows_attacked:
+    share of the attack rows attacked), meta_grad_norm (mean over its meta steps), dropped_share
+    (--min-row-weight: the share of the objective skipping dropped, measured on the steps that
+    attacked every row), what the meta-network chose per group, the evaluation."""
+    return ["epoch", "lr", *[csv_name(method, k) for k in step_stat_names(method)], "meta_grad_norm", "dropped_share",
+            *GROUP_FIELDS, "skipped",
             "test_clean_acc", "test_pgd_acc", "seconds"]
 
 
 # settings that got a flag after runs were recorded without one: they enter the run's hash only
 # when they differ from their default, so run directories written before still resume
 LATER_SETTINGS = {name: CONFIG_DEFAULTS[name]
-                  for name in ("norm", "adv_loss", "s_min", "s_max", "fixed_weights", "tau", "rho1", "rho2")}
+                  for name in ("norm", "adv_loss", "s_min", "s_max", "fixed_weights", "tau", "rho1", "rho2",
+                               "min_row_weight")}
 
 
 def group_shares(row: dict) -> str:
@@ -397,9 +401,10 @@ class Run:
         sums["steps"] += read["steps"]
         for key in self.trainer.stat_names:
             sums[key] += read[key] * read["steps"] if read["steps"] else 0.0
-        if read["meta_steps"]:
-            sums["meta_steps"] += read["meta_steps"]
-            sums["meta_grad_norm"] += read["meta_grad_norm"] * read["meta_steps"]
+        for count, mean in (("meta_steps", "meta_grad_norm"), ("measured_steps", "dropped_share")):
+            if read[count]:
+                sums[count] += read[count]
+                sums[mean] += read[mean] * read[count]
 
     def stop(self, message: str) -> None:
         if self.ranks.is_main:
@@ -421,7 +426,8 @@ class Run:
             trainer.update_fairness(self.meta_x, self.meta_y)
             order = torch.randperm(self.train_y.shape[0], generator=self.shuffle).to(device)
             meta_order = torch.randperm(self.meta_y.shape[0], generator=self.shuffle).to(device)
-            sums, first_step = dict.fromkeys(["steps", *trainer.stat_names, "meta_steps", "meta_grad_norm"], 0.0), 0
+            sums, first_step = dict.fromkeys(["steps", *trainer.stat_names, "meta_steps", "meta_grad_norm",
+                                                        "measured_steps", "dropped_share"], 0.0), 0
             self.choices.reset()
         n_meta_batch = min(args.meta_batch_size, self.meta_y.shape[0])
         batches = range(first_step, self.steps_per_epoch)
@@ -468,6 +474,7 @@ class Run:
         return dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"],
                     **{csv_name(args.method, k): sums[k] / n for k in trainer.stat_names},
                     meta_grad_norm=sums["meta_grad_norm"] / sums["meta_steps"] if sums["meta_steps"] else "",
+                    dropped_share=sums["dropped_share"] / sums["measured_steps"] if sums["measured_steps"] else "",
                     **self.choices.summary(self.scenario.train_y_clean), skipped=trainer.skipped_steps,
                     test_clean_acc="", test_pgd_acc="")
 
@@ -505,6 +512,9 @@ class Run:
         acc = (f", test clean {row['test_clean_acc']:.2f}% PGD {row['test_pgd_acc']:.2f}%"
                if row["test_clean_acc"] != "" else "")
         anti = f", anti share {row['frac_anti']:.2f}{group_shares(row)}" if self.trainer.method.chooses_rows else ""
+        if self.trainer.config.min_row_weight > 0:
+            dropped = f", {100 * row['dropped_share']:.2f}% of the loss dropped" if row["dropped_share"] != "" else ""
+            anti += f", rows attacked {row['rows_attacked']:.2f}{dropped}"
         print(f"epoch {row['epoch']}/{args.epochs}: loss {row['loss']:.4f}{anti}, mean eps {row['mean_eps']:.4f}, "
               f"lr {self.trainer.optimizer.param_groups[0]['lr']:.3g}{acc} ({row['seconds']:.1f}s)", flush=True)
 

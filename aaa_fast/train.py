@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fixed-weights", type=number_arg(float, 0), nargs=2, metavar=("A", "B"),
                    default=list(CONFIG_DEFAULTS["fixed_weights"]),
                    help="aaa-fixed: every row's adversarial and anti-adversarial weights (a_i, b_i)")
+    g.add_argument("--min-row-weight", type=number_arg(float, 0, 1, hi_open=True),
+                   default=CONFIG_DEFAULTS["min_row_weight"], metavar="TAU",
+                   help="attack only what has weight (0 = off): on plain steps of " +
+                        ", ".join(m for m in method_names() if get_method(m).chooses_rows) +
+                        ", rows with b_i < TAU get no anti-adversarial example (paper objective: a_i < TAU, no "
+                        "adversarial one); every --meta-every-th step attacks every row and measures the share "
+                        "of the objective skipping drops (metrics.csv: rows_attacked, dropped_share)")
     g.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=None,
                    help="FRL's class-wise multipliers; default " + defaults_help("fairness"))
     g.add_argument("--tau", type=number_arg(float, 0), default=CONFIG_DEFAULTS["tau"],

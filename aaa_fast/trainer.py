@@ -45,7 +45,8 @@ BOUND_MODES = ("fixed", "remargin", "meta")
 class StepStats(Mapping):
     """One step's statistics, kept on the device: reading any value copies them all to the host
     at once (one synchronisation), so a loop that never reads them never waits for the GPU.
-    Keys: step_stat_names(method), "meta_grad_norm" on meta steps, "skipped" (no update was applied), and
+    Keys: step_stat_names(method), "meta_grad_norm" on meta steps, "dropped_share" on min_row_weight's
+    measuring steps, "skipped" (no update was applied), and
     the host-side "meta_step" and "iteration"."""
 
     def __init__(self, values: dict[str, Tensor], host: dict):
@@ -133,6 +134,11 @@ class AAAConfig:
                                      # lookahead stays eager (a compiled backward cannot be differentiated)
     cuda_graphs: bool = True         # on CUDA without compile: replay each attack's K steps from a CUDA
                                      # graph captured once per batch shape (the meta bounds mode excepted)
+    min_row_weight: float = 0.0      # tau (0 = off): on plain steps of the row-choosing methods, rows with
+                                     # b_i < tau get no anti-adversarial example (paper objective: a_i < tau, no
+                                     # adversarial one); every meta_every-th step attacks every row and measures
+                                     # the share of the objective skipping drops. One host synchronisation per
+                                     # plain step (the kept count); kept counts are rounded up to 1/8 of the batch
     seed: int = 0                    # the attacks' random starts
     skip_nonfinite: bool = False     # skip (and count) a step with a NaN/inf loss instead of raising
 
@@ -187,6 +193,13 @@ class AAAConfig:
             raise ValueError(f"fixed_weights must be two numbers >= 0, got {self.fixed_weights}")
         for value in self.fixed_weights:
             check_number("fixed_weights", value)
+        check_number("min_row_weight", self.min_row_weight)
+        if not 0 <= self.min_row_weight < 1:
+            raise ValueError(f"min_row_weight must be in [0, 1) (0 = off), got {self.min_row_weight}")
+        if self.min_row_weight > 0 and not method.chooses_rows:
+            choosers = [m for m in method_names() if get_method(m).chooses_rows]
+            raise ValueError(f"min_row_weight skips rows by their chosen weights: it needs a method that chooses "
+                             f"them ({choosers}), not {self.method!r}")
         method.check_config(self)
 
 
@@ -313,11 +326,12 @@ class AAATrainer:
         self._skipped_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.stat_names = step_stat_names(cfg.method)
         # the device-side sums read_stats() reads: each stat over applied steps, then applied,
-        # skipped and meta-gradient norm
-        self._applied_slot, self._skipped_slot, self._meta_norm_slot = range(len(self.stat_names),
-                                                                             len(self.stat_names) + 3)
-        self._stat_sums = torch.zeros(self._meta_norm_slot + 1, dtype=torch.float64, device=self.device)
+        # skipped, meta-gradient norm and the dropped share (min_row_weight's measuring steps)
+        self._applied_slot, self._skipped_slot, self._meta_norm_slot, self._dropped_slot = range(
+            len(self.stat_names), len(self.stat_names) + 4)
+        self._stat_sums = torch.zeros(self._dropped_slot + 1, dtype=torch.float64, device=self.device)
         self._meta_steps = 0
+        self._measured_steps = 0
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._seen_low = torch.full((2,), math.inf, device=self.device)   # (x, y) minima of deferred checks
         self._seen_high = torch.full((2,), -math.inf, device=self.device)
@@ -410,14 +424,17 @@ class AAATrainer:
                                random_start=random_start, amp_dtype=self.amp_dtype, generator=self.generator,
                                graphs=self.attack_graphs)
 
-    def pair(self, x: Tensor, y: Tensor, clean_logits: Tensor, eps_rows: Tensor, keep_unprojected: bool = False):
+    def pair(self, x: Tensor, y: Tensor, clean_logits: Tensor, eps_rows: Tensor, keep_unprojected: bool = False, *,
+             adv_rows: Tensor | None = None, anti_rows: Tensor | None = None):
+        """The AAA pair of the validated batch (attack.build_pair): adversarial examples of the
+        rows adv_rows, then anti-adversarial ones of anti_rows (None: every row)."""
         cfg = self.config
         with eval_mode(self.model):
             return build_pair(self.net, x, y, clean_logits, eps_rows.repeat(2),
                               torch.full((2 * x.shape[0],), cfg.alpha, device=self.device), steps=cfg.steps,
                               adv_loss=cfg.adv_loss, norm=cfg.norm, random_start="normal",
                               amp_dtype=self.amp_dtype, generator=self.generator, keep_unprojected=keep_unprojected,
-                              graphs=self.attack_graphs)
+                              graphs=self.attack_graphs, adv_rows=adv_rows, anti_rows=anti_rows)
 
     def clean_logits(self, x: Tensor) -> Tensor:
         with eval_mode(self.model):
@@ -489,16 +506,22 @@ class AAATrainer:
         values = {"loss": loss.total.detach(), **{k: t.detach() for k, t in loss.terms.items()},
                   "mean_eps": (batch.eps if plan.eps is None else plan.eps).mean(),
                   "frac_anti": (b_rows > a_rows).float().mean(),
-                  "grad_band": (a_rows * (1 - a_rows) > GRAD_BAND).float().mean()}
+                  "grad_band": (a_rows * (1 - a_rows) > GRAD_BAND).float().mean(),
+                  "rows_attacked": torch.full((), plan.rows_attacked, device=self.device)}
         stats = torch.stack([values[k].float() for k in self.stat_names])
         meta_norm = meta_grad_norm.float() if meta_grad_norm is not None else stats.new_zeros(())
-        # in slot order: stat_names (applied steps only), applied, skipped, meta-gradient norm
-        self._stat_sums += torch.cat([torch.where(ok, stats, 0), ok.view(1), bad.view(1), meta_norm.view(1)]).double()
+        dropped = loss.dropped_share.float() if loss.dropped_share is not None else stats.new_zeros(())
+        # in slot order: stat_names (applied steps only), applied, skipped, meta-gradient norm, dropped share
+        self._stat_sums += torch.cat([torch.where(ok, stats, 0), ok.view(1), bad.view(1), meta_norm.view(1),
+                                      torch.where(ok, dropped, 0).view(1)]).double()
         self._meta_steps += meta_grad_norm is not None
+        self._measured_steps += loss.dropped_share is not None
         self._record_bad(bad)
         self.iteration += 1
         if meta_grad_norm is not None:
             values["meta_grad_norm"] = meta_grad_norm
+        if loss.dropped_share is not None:
+            values["dropped_share"] = loss.dropped_share
         return StepStats(dict(values, skipped=bad), dict(meta_step=meta_grad_norm is not None, iteration=self.iteration))
 
     def _record_bad(self, bad: Tensor) -> None:
@@ -524,20 +547,23 @@ class AAATrainer:
     def read_stats(self) -> dict:
         """The step statistics since the last call, in one host synchronisation: the means of
         stat_names over the applied steps, "steps" (applied), "skipped", "meta_steps" and
-        "meta_grad_norm" (mean over meta steps; None without one). Raises what the steps
+        "meta_grad_norm" (mean over meta steps; None without one), "measured_steps" and
+        "dropped_share" (min_row_weight: mean over the steps that attacked every row and measured
+        the share of the objective skipping drops; None without one). Raises what the steps
         deferred: a batch outside the image box [0, 1] or with labels out of range
         (ValueError), a non-finite loss or gradient (FloatingPointError, unless skip_nonfinite;
         such a step applied no update)."""
         host = torch.cat([self._stat_sums, self._seen_low.double(), self._seen_high.double(),
                           self._first_bad.double().view(1)]).tolist()
-        meta_steps = self._meta_steps
+        meta_steps, measured_steps = self._meta_steps, self._measured_steps
         self._stat_sums.zero_()
         self._seen_low.fill_(math.inf)
         self._seen_high.fill_(-math.inf)
         self._first_bad.fill_(-1)
-        self._meta_steps = 0
-        sums, steps, skipped, meta_sum = host[:len(self.stat_names)], *host[self._applied_slot:self._meta_norm_slot + 1]
-        x_lo, y_lo, x_hi, y_hi, first_bad = host[self._meta_norm_slot + 1:]
+        self._meta_steps = self._measured_steps = 0
+        sums, steps, skipped, meta_sum, dropped_sum = host[:len(self.stat_names)], *host[self._applied_slot:
+                                                                                          self._dropped_slot + 1]
+        x_lo, y_lo, x_hi, y_hi, first_bad = host[self._dropped_slot + 1:]
         if x_lo < 0 or x_hi > 1:
             raise box_error("x", x_lo, x_hi, 0.0, 1.0)
         if y_lo < 0 or y_hi >= self.config.num_classes:
@@ -547,7 +573,8 @@ class AAATrainer:
                                      "no update was applied in that step")
         out = {key: value / steps if steps else math.nan for key, value in zip(self.stat_names, sums)}
         out.update(steps=int(steps), skipped=int(skipped), meta_steps=meta_steps,
-                   meta_grad_norm=meta_sum / meta_steps if meta_steps else None)
+                   meta_grad_norm=meta_sum / meta_steps if meta_steps else None, measured_steps=measured_steps,
+                   dropped_share=dropped_sum / measured_steps if measured_steps else None)
         return out
 
     # ------------------------------------------------------------------ epochs and state

@@ -7,6 +7,10 @@
 - the forward/backward passes an AAA iteration minimally needs, timed bare: the clean eval
   forward, K attack steps of forward + input-gradient backward on 2N rows, and the train
   forward + backward on 3N rows;
+- attack only what has weight (min_row_weight): plain AAA steps whose anti-adversarial rows
+  are those of a clean-label run (none) and of a 40%-label-noise run (40% of the rows; study
+  v2's last-epoch shares), with every row attacked and with min_row_weight 0.5 (the aaa-oracle
+  control fixes b_i in {0, 1}, so the share is exact);
 - on CUDA: AAA with its attacks run eagerly instead of replayed from CUDA graphs, the FLOPs of
   the minimal passes (torch.utils.flop_counter) and what an AAA iteration achieves with them
   (TFLOP/s, and MFU against --peak-tflops, default the GPU's dense bf16/fp16 peak when known),
@@ -124,7 +128,14 @@ def main():
         for fns, meta_step in ((plain_fns, False), (meta_fns, True)):
             fns["reference"] = lambda meta_step=meta_step: reference_iteration(
                 ref_model, ref_opt, ref_meta, ref_meta_opt, x, y, xm, ym, meta_step=meta_step, **common)
+    skipping = {}
+    for share in (0.0, 0.4):
+        corrupted = (torch.arange(args.batch) < round(share * args.batch)).to(device)
+        for tau in (0.0, 0.5):
+            trainer = fresh("aaa-oracle", min_row_weight=tau, meta_every=10**9)  # iteration 0 (warm-up) attacks all
+            skipping[(share, tau)] = lambda t=trainer, c=corrupted: t.step(x, y, corrupted=c)
     # plain iterations and meta iterations are each timed in interleaved rounds
+    t_skip = timed_round_robin(skipping, device, args.repeats)
     t_plain = timed_round_robin(plain_fns, device, args.repeats)
     t_meta = timed_round_robin(meta_fns, device, args.repeats)
     t_min = t_plain["minimal"]
@@ -142,6 +153,10 @@ def main():
         ratio = f"{ref / t:>11.2f}x" if ref else ""
         print(f"{name:<28} {t:>8.3f} {1 / t:>8.3f} {ratio:>12}")
     print(f"{'minimal fwd/bwd passes':<28} {t_min:>8.3f} {1 / t_min:>8.3f}")
+    for share in (0.0, 0.4):
+        full, skip = t_skip[(share, 0.0)], t_skip[(share, 0.5)]
+        print(f"plain step, {share:.0%} anti rows: every row {full:.3f} s, min_row_weight 0.5 {skip:.3f} s: "
+              f"{full / skip:.2f}x")
     print(f"aaa (no meta step) / minimal passes: {t_plain['aaa'] / t_min:.3f}x")
     with FlopCounterMode(display=False) as counter:
         minimal()

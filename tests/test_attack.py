@@ -123,6 +123,31 @@ def test_adversarial_pair_equals_two_separate_attacks():
     assert torch.equal(x_adv, ref_adv) and torch.equal(x_anti, ref_anti)
 
 
+def test_pair_of_chosen_rows_equals_separate_attacks_on_those_rows():
+    """build_pair with adv_rows / anti_rows (the trainer's min_row_weight): the adversarial
+    examples of the rows adv_rows and the anti-adversarial ones of anti_rows, one batch, equal to
+    perturb on those rows (starts drawn for the adversarial rows first, one generator)."""
+    from aaa_fast.attack import build_pair
+    model = small_cnn(dtype=torch.float64).eval()
+    x, y = batch(6, dtype=torch.float64)
+    eps = torch.tensor([0.02, 0.04, 0.06, 0.08, 0.1, 0.12] * 2, dtype=torch.float32)
+    alpha = torch.full((12,), 0.01, dtype=torch.float32)
+    with torch.no_grad():
+        clean = model(x)
+    for adv_rows, anti_rows in ((torch.tensor([0, 2, 5]), torch.tensor([1, 2])), (None, torch.tensor([4])),
+                                (None, torch.zeros(0, dtype=torch.long))):
+        out = build_pair(model, x, y, clean, eps, alpha, steps=5, adv_rows=adv_rows, anti_rows=anti_rows,
+                         generator=torch.Generator().manual_seed(7))
+        a = torch.arange(6) if adv_rows is None else adv_rows
+        gen = torch.Generator().manual_seed(7)
+        common = dict(steps=5, alpha=0.01, random_start="normal", generator=gen)
+        ref_adv = perturb(model, x[a], y[a], direction=1, loss="kl", eps=eps[:6][a], **common)
+        ref_anti = perturb(model, x[anti_rows], y[anti_rows], direction=-1, loss="ce", eps=eps[6:][anti_rows],
+                           **common) if anti_rows.numel() else x[:0]
+        assert out.shape[0] == a.numel() + anti_rows.numel()
+        assert torch.equal(out[:a.numel()], ref_adv) and torch.equal(out[a.numel():], ref_anti)
+
+
 def test_adversarial_pair_per_row_bounds_for_both_halves():
     model = small_cnn()
     x, y = batch(4)
@@ -269,6 +294,7 @@ def test_graph_replay_equals_the_eager_attack(kind, amp_dtype, monkeypatch):
     def case(seed, n):
         x, y = (t.cuda() for t in batch(n, seed=seed))
         x = torch.cat([x] * rows).contiguous(memory_format=torch.channels_last)
+        y = torch.cat([y] * rows)  # a pair's loss takes every row's label
         start = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
         direction = torch.ones(rows * n, device="cuda")
         direction[n:] = -1 if rows == 2 else 1

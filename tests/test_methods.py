@@ -51,7 +51,7 @@ def test_step_statistics_follow_the_methods_terms(method):
     trainer = trainer_for(method)
     stats = trainer.step(x, y, x_meta, y_meta, corrupted=corrupted)
     names = step_stat_names(method)
-    assert names == ("loss", *get_method(method).terms, "frac_anti", "grad_band", "mean_eps")
+    assert names == ("loss", *get_method(method).terms, "frac_anti", "grad_band", "mean_eps", "rows_attacked")
     assert set(names) <= set(stats)
     # the total is the method's own: the terms are finite parts of it
     assert all(math.isfinite(stats[k]) for k in names)

@@ -76,3 +76,28 @@ def test_features_against_hand_values():
     ], dtype=torch.float64)
     torch.testing.assert_close(f, expected)
     assert not f.requires_grad
+
+
+def test_terms_of_chosen_rows_equal_the_hand_values_with_the_others_left_out():
+    """adv_index / anti_index (min_row_weight): the KL and anti terms of the given rows only, the
+    normalisers still the whole batch's: the hand values of the three-row case above without
+    row 3's KL (adv rows 0, 1) and without row 1's anti CE (anti rows 0, 2)."""
+    y = torch.tensor([0, 1, 0])
+    nat = torch.tensor([[0.0, 0.0], [0.0, 0.0], [LN3, 0.0]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, 0.0], [LN3, 0.0]], dtype=torch.float64)  # rows 0 and 1's adversarial logits
+    anti = torch.tensor([[LN3, 0.0], [0.0, LN3]], dtype=torch.float64)  # rows 0 and 2's anti logits
+    a = torch.tensor([1.0, 0.25, 0.5], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+    v = torch.tensor([1.0, 3.0], dtype=torch.float64)  # v_y = (1, 3, 1)
+    terms = weighted_objective(y, nat, a=a, adv_logits=adv, v=v, lam=2.0, anti_logits=anti, b=b,
+                               adv_index=torch.tensor([0, 1]), anti_index=torch.tensor([0, 2]))
+    kl_row1 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # p = (1/2, 1/2), q = (3/4, 1/4)
+    assert terms.boundary.item() == pytest.approx(0.25 * 3 * kl_row1 / 5, rel=1e-12)
+    assert terms.anti.item() == pytest.approx((0 + 0.5 * math.log(4)) / 3, rel=1e-12)
+    natural = (LN2 + 0.25 * LN2 + 0.5 * math.log(4 / 3)) / 3
+    assert terms.total.item() == pytest.approx(natural + 2.0 * terms.boundary.item() + terms.anti.item(), rel=1e-12)
+    # a number for a or b stands for every row
+    terms = weighted_objective(y, nat, a=1.0, adv_logits=adv, lam=1.0, anti_logits=anti, b=0.5,
+                               adv_index=torch.tensor([0, 1]), anti_index=torch.tensor([0, 2]))
+    assert terms.boundary.item() == pytest.approx(kl_row1 / 3, rel=1e-12)
+    assert terms.anti.item() == pytest.approx(0.5 * (math.log(4 / 3) + math.log(4)) / 3, rel=1e-12)

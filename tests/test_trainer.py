@@ -200,6 +200,9 @@ def test_amp_and_channels_last(amp):
     (dict(meta_every=0), "meta_every must be an int >= 1"),
     (dict(amp="fp8"), "amp must be one of"),
     (dict(class_share=[0.5, 0.5]), "class_share needs 10 values"),
+    (dict(method="trades", min_row_weight=0.1), r"min_row_weight .* needs a method that chooses them"),
+    (dict(min_row_weight=1.0), r"min_row_weight must be in \[0, 1\)"),
+    (dict(min_row_weight=-0.1), "min_row_weight must be finite and >= 0"),
 ])
 def test_config_errors(kwargs, text):
     with pytest.raises(ValueError, match=text):
@@ -536,3 +539,69 @@ def test_batches_of_another_image_shape_are_refused():
     aaa = make_trainer("aaa")
     with pytest.raises(ValueError, match=r"meta batch images have shape \(3, 14, 14\)"):
         aaa.step(x, y, torch.rand(4, 3, 14, 14), y[:4])
+
+
+# ---------------------------------------------------------------- min_row_weight: attack what has weight
+def recorded_plans(trainer):
+    plans = []
+    prepare = trainer.method.prepare
+    trainer.method.prepare = lambda batch: plans.append(prepare(batch)) or plans[-1]
+    return plans
+
+
+def test_min_row_weight_attacks_only_the_rows_whose_weight_counts():
+    """aaa-oracle (b = 1 on the 7 corrupted rows, else 0) at tau 0.5: plain steps build anti
+    examples for the corrupted rows only, their count rounded up to a multiple of 32 / 8 with other
+    rows (8), every row keeps its adversarial example (kl-all); every meta_every-th step attacks
+    every row and measures a dropped share of exactly 0 (the dropped rows' b is 0)."""
+    x, y = toy_problem(32)
+    corrupted = torch.arange(32) % 5 == 0
+    trainer = make_trainer("aaa-oracle", min_row_weight=0.5, meta_every=3)
+    plans = recorded_plans(trainer)
+    stats = [trainer.step(x, y, corrupted=corrupted) for _ in range(4)]
+    for i in (1, 2):
+        plan = plans[i]
+        assert plan.adv_rows is None and plan.anti_rows.shape == (8,)
+        assert set(torch.nonzero(corrupted).flatten().tolist()) <= set(plan.anti_rows.tolist())
+        assert [r.shape[0] for r in plan.rows] == [32, 32, 8]
+        assert stats[i]["rows_attacked"] == pytest.approx(40 / 64) and "dropped_share" not in stats[i]
+    for i in (0, 3):
+        assert plans[i].anti_rows is None and stats[i]["rows_attacked"] == 1.0
+        assert stats[i]["dropped_share"] == 0.0
+    read = trainer.read_stats()
+    assert read["measured_steps"] == 2 and read["dropped_share"] == 0.0
+    assert read["rows_attacked"] == pytest.approx((1 + 40 / 64 + 40 / 64 + 1) / 4)
+
+
+def test_min_row_weight_measures_what_skipping_drops():
+    """AAA at its trades start (every b_i far below 0.5): plain steps attack no anti row
+    (rows attacked 1/2); on the meta steps every anti term would be dropped, so the measured
+    share equals the step's own anti term over its loss."""
+    x, y = toy_problem(32)
+    trainer = make_trainer("aaa", min_row_weight=0.5, meta_every=2)
+    x_meta, y_meta = toy_problem(16, seed=1)
+    stats = [trainer.step(x, y, x_meta, y_meta) for _ in range(3)]
+    assert float(trainer.last_choice[1].max()) < 0.5
+    assert stats[1]["rows_attacked"] == 0.5 and stats[1]["anti"] == 0.0
+    for s in (stats[0], stats[2]):
+        assert s["meta_grad_norm"] > 0 and s["anti"] > 0
+        assert s["dropped_share"] == pytest.approx(s["anti"] / s["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["paper", "kl-all"])
+def test_min_row_weight_drops_adversarial_rows_under_the_paper_objective_only(objective):
+    """aaa-fixed with (a, b) = (0.3, 0.7) at tau 0.5: under the paper objective a plain step
+    builds no adversarial example (its KL term is 0) and the measuring step's dropped share is the
+    lam-weighted KL term over the loss; under kl-all the KL term has weight 1 and stays."""
+    x, y = toy_problem(32)
+    trainer = make_trainer("aaa-fixed", fixed_weights=(0.3, 0.7), min_row_weight=0.5, meta_every=2,
+                           objective=objective)
+    plans = recorded_plans(trainer)
+    full, plain = trainer.step(x, y), trainer.step(x, y)
+    assert plans[1].anti_rows is None
+    if objective == "paper":
+        assert plans[1].adv_rows.numel() == 0 and plain["boundary"] == 0.0 and plain["rows_attacked"] == 0.5
+        assert full["dropped_share"] == pytest.approx(trainer.config.lam * full["boundary"] / full["loss"], rel=1e-5)
+    else:
+        assert plans[1].adv_rows is None and plain["boundary"] > 0 and plain["rows_attacked"] == 1.0
+        assert full["dropped_share"] == 0.0

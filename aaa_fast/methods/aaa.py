@@ -16,7 +16,11 @@ from torch import Tensor
 from ..meta import meta_gradient
 from ..objective import sample_features, weighted_objective
 from ..ops import project
-from .base import Batch, Plan, WeightedObjectiveMethod, register_method
+from .base import Batch, Plan, StepLoss, WeightedObjectiveMethod, register_method
+
+# min_row_weight rounds the kept count up to a multiple of ceil(N / ROW_GROUPS): at most
+# ROW_GROUPS + 1 batch shapes per side, so CUDA graphs capture a bounded number of attacks
+ROW_GROUPS = 8
 
 
 class AdversarialPair(WeightedObjectiveMethod):
@@ -35,8 +39,60 @@ class AdversarialPair(WeightedObjectiveMethod):
     def prepare(self, batch: Batch) -> Plan:
         t, n = self.trainer, batch.x.shape[0]
         a, b = self.choose(batch)
-        pair = t.pair(batch.x, batch.y, t.clean_logits(batch.x), batch.eps)
-        return Plan([batch.x, pair[:n], pair[n:]], a=a, b=b)
+        clean_logits = t.clean_logits(batch.x)
+        if not self.full_step():
+            return self.skipping_plan(batch, clean_logits, a, b, batch.eps)
+        pair = t.pair(batch.x, batch.y, clean_logits, batch.eps)
+        return Plan([batch.x, pair[:n], pair[n:]], a=a, b=b, measure_dropped=self.skips_rows)
+
+    # ------------------------------------------------ attack only what has weight (min_row_weight)
+    @property
+    def skips_rows(self) -> bool:
+        return self.trainer.config.min_row_weight > 0
+
+    def full_step(self) -> bool:
+        """Whether this step attacks every row: always without min_row_weight; with it, every
+        meta_every-th iteration (AAA's meta steps), where loss() measures what skipping drops."""
+        t = self.trainer
+        return not self.skips_rows or t.iteration % t.config.meta_every == 0
+
+    def weighted_rows(self, weight: Tensor | float, n: int) -> Tensor | None:
+        """Indices of the rows whose weight reaches min_row_weight (None: every row), their count
+        rounded up (see ROW_GROUPS) with the heaviest of the others, in row order. Reading the
+        count is the step's one host synchronisation (none on a CPU)."""
+        tau = self.trainer.config.min_row_weight
+        if not isinstance(weight, Tensor):  # one weight for every row (aaa-fixed)
+            return None if weight >= tau else torch.zeros(0, dtype=torch.long, device=self.trainer.device)
+        group = -(-n // ROW_GROUPS)
+        kept = -(-int((weight >= tau).sum()) // group) * group
+        return None if kept >= n else weight.topk(kept).indices.sort().values
+
+    def skipping_plan(self, batch: Batch, clean_logits: Tensor, a, b, eps: Tensor) -> Plan:
+        """A plain step's rows under min_row_weight: anti-adversarial examples only for rows whose
+        b_i counts and (paper objective; kl-all keeps every row's KL term) adversarial ones only
+        for rows whose a_i counts."""
+        n = batch.x.shape[0]
+        adv = self.weighted_rows(a, n) if self.a_boundary is None else None
+        anti = self.weighted_rows(b, n)
+        pair = self.trainer.pair(batch.x, batch.y, clean_logits, eps, adv_rows=adv, anti_rows=anti)
+        n_adv = n if adv is None else adv.shape[0]
+        n_anti = n if anti is None else anti.shape[0]
+        return Plan([batch.x, pair[:n_adv], pair[n_adv:]], a=a, b=b, eps=eps, adv_rows=adv, anti_rows=anti,
+                    rows_attacked=(n_adv + n_anti) / (2 * n))
+
+    def loss(self, batch: Batch, logits: list[Tensor], plan: Plan) -> StepLoss:
+        out = super().loss(batch, logits, plan)
+        if plan.measure_dropped:  # the terms of the rows skipping leaves out, from this full step
+            cfg = self.trainer.config
+
+            def below(w):
+                return torch.where(w < cfg.min_row_weight, w, 0) if isinstance(w, Tensor) else \
+                    (w if w < cfg.min_row_weight else 0.0)
+            dropped = weighted_objective(batch.y, logits[0], a=0.0, u=batch.u, adv_logits=logits[1], v=batch.v,
+                                         lam=cfg.lam, anti_logits=logits[2], b=below(plan.b),
+                                         a_boundary=below(plan.a) if self.a_boundary is None else 0.0).total
+            out.dropped_share = (dropped / out.total.abs().clamp_min(1e-12)).detach()
+        return out
 
 
 @register_method
@@ -74,6 +130,8 @@ class AAA(AdversarialPair):
             a, b, s = t.meta_net(features)
         meta_bounds = cfg.bound_mode == "meta"
         eps = cfg.eps * s if meta_bounds else batch.eps
+        if not self.full_step():
+            return self.skipping_plan(batch, clean_logits, a, b, eps)
         pair = t.pair(x, y, clean_logits, eps, keep_unprojected=meta_bounds)
         pair, unprojected = pair if meta_bounds else (pair, None)
         meta_grad_norm = None
@@ -84,7 +142,8 @@ class AAA(AdversarialPair):
             if meta_bounds:  # the new bounds re-project the kept last iterates
                 eps = cfg.eps * s
                 pair = self.meta_bounded_pair(unprojected, x, s)
-        return Plan([x, pair[:n], pair[n:]], a=a, b=b, eps=eps, meta_grad_norm=meta_grad_norm)
+        return Plan([x, pair[:n], pair[n:]], a=a, b=b, eps=eps, meta_grad_norm=meta_grad_norm,
+                    measure_dropped=self.skips_rows)
 
     def meta_bounded_pair(self, unprojected: Tensor, x: Tensor, s: Tensor) -> Tensor:
         """The pair's rows re-projected onto bounds eps_0 * s_i (differentiable in s)."""

@@ -31,8 +31,9 @@ ROLES = ("aaa", "baseline", "control", "reference")
 # the shared settings a method may give its own default (AAAConfig fields left at None)
 DEFAULTS = dict(eps=8 / 255, lam=6.0, bound_mode="fixed", fairness=False)
 # per-step statistics the engine adds to a method's loss terms: the anti-adversarial share (rows
-# with b > a), the share of rows inside the gradient band and the mean bound
-ROW_STATS = ("frac_anti", "grad_band", "mean_eps")
+# with b > a), the share of rows inside the gradient band, the mean bound and the share of the
+# method's attack rows that were attacked (below 1 where min_row_weight skipped rows)
+ROW_STATS = ("frac_anti", "grad_band", "mean_eps", "rows_attacked")
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -61,6 +62,12 @@ class Plan:
     b: Tensor | float = 0.0
     eps: Tensor | None = None       # the bounds used, when not the batch's
     meta_grad_norm: Tensor | None = None  # set by a step that updated a meta-network
+    # the rows rows[1] / rows[2] were built from (None: every row; see AAAConfig.min_row_weight)
+    adv_rows: Tensor | None = None
+    anti_rows: Tensor | None = None
+    rows_attacked: float = 1.0      # share of the method's attack rows that were attacked
+    measure_dropped: bool = False   # every row attacked although min_row_weight skips rows: loss()
+                                    # measures the share of the objective that skipping drops
 
 
 @dataclass
@@ -71,6 +78,9 @@ class StepLoss:
     total: Tensor
     terms: dict[str, Tensor]
     per_sample_ce: Tensor
+    # on a step that attacked every row although min_row_weight skips rows: the share of the
+    # objective that skipping would have dropped (measured, not bounded), else None
+    dropped_share: Tensor | None = None
 
 
 class Method:
@@ -136,7 +146,8 @@ class WeightedObjectiveMethod(Method):
         t = weighted_objective(batch.y, logits[0], a=plan.a, u=batch.u,
                                adv_logits=logits[1] if len(logits) > 1 else None, v=batch.v,
                                lam=self.trainer.config.lam, anti_logits=logits[2] if len(logits) > 2 else None,
-                               b=plan.b, a_boundary=self.a_boundary)
+                               b=plan.b, a_boundary=self.a_boundary, adv_index=plan.adv_rows,
+                               anti_index=plan.anti_rows)
         return StepLoss(t.total, {"natural": t.natural, "boundary": t.boundary, "anti": t.anti}, t.per_sample_ce)
 
 
