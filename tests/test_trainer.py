@@ -406,7 +406,7 @@ def fused_trainer(method, device, **cfg):
     torch.manual_seed(0)
     model = build_model("small-cnn", in_channels=1, num_classes=4).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, fused=True)
-    config = AAAConfig(method=method, num_classes=4, steps=2, meta_every=1, eps=0.1, alpha=0.05, **cfg)
+    config = AAAConfig(**{**dict(method=method, num_classes=4, steps=2, meta_every=1, eps=0.1, alpha=0.05), **cfg})
     meta = make_meta_net(config, seed=1) if get_method(method).uses_meta_net else None
     meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-3, fused=True) if meta is not None else None
     return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
@@ -433,6 +433,23 @@ def test_a_training_step_makes_no_host_synchronisation(method, device, monkeypat
             torch.cuda.set_sync_debug_mode(0)
     assert counter.calls == []
     assert trainer.read_stats()["steps"] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_min_row_weight_reads_one_count_per_plain_step_and_none_on_full_steps(device, monkeypatch):
+    """Skipping's documented cost: a plain step reads its kept count (one synchronisation), a
+    step that attacks every row reads nothing."""
+    x, y = (t.to(device) for t in toy_problem(16))
+    corrupted = (torch.arange(16) % 3 == 0).to(device)
+    trainer = fused_trainer("aaa-oracle", device, meta_every=2, min_row_weight=0.5)
+    trainer.step(x, y, corrupted=corrupted)  # iteration 0: full, the first batch checked on the host
+    calls = []
+    for _ in range(2):  # iteration 1 plain, 2 full
+        counter = SyncCounter(monkeypatch)
+        with counter:
+            trainer.step(x, y, corrupted=corrupted)
+        calls.append(counter.calls)
+    assert calls == [["_local_scalar_dense"], []]
 
 
 def test_read_stats_are_the_means_of_the_steps():
