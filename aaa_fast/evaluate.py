@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient-masking checks on the same test images: PGD-20, PGD-100 x 5 restarts, APGD-CE, "
                         "AutoAttack (--autoattack's version, default standard), Square alone, APGD-CE against "
                         "growing eps; writes masking_report.json and .png to --report-dir")
+    p.add_argument("--autoattack-from", default=None, metavar="EVAL_JSON",
+                   help="with --masking-report: AutoAttack's robust accuracy from an earlier `evaluate --autoattack "
+                        "--json` of this checkpoint on the same images and eps, instead of running it again "
+                        "(checked: method, epoch, test subset, eps, norm and the clean accuracy measured now)")
     p.add_argument("--report-dir", default=None, help="where the masking report goes; default: the checkpoint's directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="where to evaluate")
@@ -54,6 +58,37 @@ def build_parser() -> argparse.ArgumentParser:
 # what evaluate reads from a run's config.json
 RUN_SETTINGS = ("config_hash", "dataset", "data_dir", "arch", "method", "seed", "batch_size", "eval_eps", "eval_steps",
                 "test_subset")
+
+
+EARLIER_KEYS = ("aa_acc", "aa_version", "aa_eps", "aa_norm", "clean_acc", "method", "epoch", "test_subset")
+
+
+def read_earlier_autoattack(path: str) -> dict:
+    """An earlier evaluation's JSON with the AutoAttack figures --autoattack-from needs."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: --autoattack-from {path}: cannot read it ({exc})") from None
+    missing = [k for k in EARLIER_KEYS if not isinstance(earlier, dict) or k not in earlier]
+    if missing:
+        raise SystemExit(f"error: --autoattack-from {path} has no {', '.join(missing)}: it must be the --json of "
+                         "`python -m aaa_fast.evaluate --autoattack`")
+    return earlier
+
+
+def check_same_evaluation(earlier: dict, path: str, *, method: str, epoch, test_subset, eps: float, norm: str,
+                          clean_acc: float | None = None) -> None:
+    """--autoattack-from must describe this model on these images at this budget: the run's
+    settings (checked before evaluating), then the clean accuracy just measured (one image moves
+    it by 100 / N points)."""
+    now = {"method": method, "epoch": epoch, "test_subset": test_subset, "aa_eps": eps, "aa_norm": norm}
+    differ = [f"{k} {earlier[k]!r} there, {v!r} here" for k, v in now.items() if earlier[k] != v]
+    if clean_acc is not None and abs(earlier["clean_acc"] - clean_acc) > 1e-6:
+        differ.append(f"clean accuracy {earlier['clean_acc']} there, {clean_acc} here")
+    if differ:
+        raise SystemExit(f"error: --autoattack-from {path} is not an evaluation of this checkpoint on these images: "
+                         + "; ".join(differ))
 
 
 def main(argv=None) -> None:
@@ -71,6 +106,10 @@ def main(argv=None) -> None:
         refuse_existing_output(args.json, "--json")
     if args.masking_report:
         refuse_existing_output(report_path, "--report-dir")
+    if args.autoattack_from is not None and (not args.masking_report or args.autoattack):
+        raise SystemExit("error: --autoattack-from goes with --masking-report and without --autoattack "
+                         "(it stands for running AutoAttack again)")
+    earlier = read_earlier_autoattack(args.autoattack_from) if args.autoattack_from else None
     try:
         with open(config_path) as f:
             run = argparse.Namespace(**json.load(f))
@@ -95,9 +134,9 @@ def main(argv=None) -> None:
         if getattr(args, name) is not None:
             setattr(run, name, getattr(args, name))
     check_test_subset(run.test_subset, data.num_classes, data.test_y.shape[0])
-    run.aa_version = args.autoattack or "standard"
-    # the masking report reuses the final evaluation's AutoAttack (the same images and eps)
-    run.final_attack = "both" if args.autoattack or args.masking_report else "pgd"
+    run.aa_version = earlier["aa_version"] if earlier else args.autoattack or "standard"
+    # the masking report reuses the final evaluation's AutoAttack (the same images and eps) or the earlier one
+    run.final_attack = "both" if args.autoattack or (args.masking_report and not earlier) else "pgd"
     check_final_attack(run.final_attack, run.aa_version)
     device = torch.device(args.device)
     model = model_for(run.arch, data, device)
@@ -110,10 +149,16 @@ def main(argv=None) -> None:
     print(f"evaluating {args.checkpoint} (epoch {state.get('epoch')}) on "
           f"{run.test_subset or data.test_y.shape[0]} test images, fp32", file=sys.stderr, flush=True)
     cfg = EvalConfig.of_run(run)
+    same = dict(method=run.method, epoch=state.get("epoch"), test_subset=run.test_subset, eps=cfg.eps, norm=cfg.norm)
+    if earlier:
+        check_same_evaluation(earlier, args.autoattack_from, **same)
     result, aa = final_evaluation_points(model, data, cfg, device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
                   eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
                   epoch=state.get("epoch"), other_data=other_data)
+    if earlier:
+        check_same_evaluation(earlier, args.autoattack_from, **same, clean_acc=result["clean_acc"])
+        result["autoattack_from"] = args.autoattack_from
     print(format_final(result))
     if args.json:
         write_json_atomic(result, args.json)
@@ -123,8 +168,11 @@ def main(argv=None) -> None:
         x, y = final_test_set(data, run.test_subset, device)
         report = masking_report(model, x, y, eps=run.eval_eps, num_classes=data.num_classes, seed=run.seed,
                                 norm=cfg.norm,
-                                device=device, progress=True, autoattack_result=aa)
+                                device=device, progress=True, autoattack_result=aa,
+                                autoattack_accuracy=(earlier["aa_version"], earlier["aa_acc"]) if earlier else None)
         report.update(checkpoint=args.checkpoint, method=run.method, arch=run.arch, dataset=run.dataset)
+        if earlier:
+            report["autoattack_from"] = args.autoattack_from
         print(write_masking_report(report, report_path, title=f"{run.method}, {run.dataset} ({run.arch})"))
 
 if __name__ == "__main__":

@@ -74,12 +74,19 @@ def _zero_gradient_share(model, x, y, batch_size, device) -> float:
 def masking_report(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_classes: int, norm: str = "linf",
                    aa_version: str = "standard", seed: int = 0, batch_size: int = 500,
                    device: torch.device | None = None, progress: bool = False,
-                   autoattack_result: AutoAttackResult | None = None) -> dict:
+                   autoattack_result: AutoAttackResult | None = None,
+                   autoattack_accuracy: tuple[str, float] | None = None) -> dict:
     """The gradient-masking report of `model` on (x, y) at budget `eps` (see the module's doc):
     robust accuracy (%) under each attack, robust accuracy against eps, and the flags with the
     evidence for each. Square needs torchattacks; without it the black-box check is skipped and
     says so. autoattack_result: AutoAttack of these very images at this eps, already run (its
-    version named in the report), instead of running it again."""
+    version named in the report), instead of running it again; autoattack_accuracy: (version,
+    robust accuracy %) of such a run read back from its results (the report needs only the
+    accuracy)."""
+    if autoattack_result is not None and autoattack_accuracy is not None:
+        raise ValueError("give autoattack_result or autoattack_accuracy, not both")
+    if autoattack_accuracy is not None:
+        aa_version = autoattack_accuracy[0]
     if autoattack_result is not None:
         if autoattack_result.robust.shape[0] != y.shape[0] or autoattack_result.eps != eps:
             raise ValueError("autoattack_result must come from the same images and eps as the report")
@@ -108,10 +115,13 @@ def masking_report(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_cl
                                                         restarts=5, norm=norm, batch_size=batch_size,
                                                         device=device, generator=gen()),
             "APGD-CE": lambda: _apgd_points(model, x, y, eps, norm, batch_size, device, gen()),
-            f"AutoAttack {aa_version}": lambda: (autoattack_result or autoattack(
-                model, x, y, eps=eps, num_classes=num_classes, norm=norm, version=aa_version, seed=seed,
-                batch_size=batch_size, device=device, progress=progress)).robust,
         }
+        if autoattack_accuracy is None:
+            runs[f"AutoAttack {aa_version}"] = lambda: (autoattack_result or autoattack(
+                model, x, y, eps=eps, num_classes=num_classes, norm=norm, version=aa_version, seed=seed,
+                batch_size=batch_size, device=device, progress=progress)).robust
+        else:
+            acc[f"AutoAttack {aa_version}"], times[f"AutoAttack {aa_version}"] = autoattack_accuracy[1], 0.0
         square_missing = torchattacks_missing()
         if square_missing is None:
             runs["Square (black-box)"] = lambda: _square_points(model, x, y, eps, norm, num_classes, seed,

@@ -353,3 +353,17 @@ def test_autoattack_alone_standard_and_the_masking_report(tmp_path, data_dir):
     again = subprocess.run([sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt"),
                             "--masking-report"], capture_output=True, text=True, env=ENV, timeout=300)
     assert again.returncode == 2 and "never overwritten" in again.stderr
+    # --autoattack-from: the same report from the earlier evaluation's AutoAttack figure, not run again
+    evaluate = [sys.executable, "-m", "aaa_fast.evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                "--masking-report", "--autoattack-from", os.path.join(out, "std.json")]
+    (tmp_path / "reused").mkdir()
+    reused = subprocess.run([*evaluate, "--test-subset", "10", "--report-dir", str(tmp_path / "reused")],
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert reused.returncode == 0, reused.stderr[-2000:]
+    assert "AutoAttack standard: apgd-ce" not in reused.stderr  # not run again
+    second = json.loads(open(tmp_path / "reused" / "masking_report.json").read())
+    assert second["accuracy"] == pytest.approx(report["accuracy"], abs=1e-4) and second["autoattack_from"].endswith("std.json")
+    assert {k: f["fired"] for k, f in second["flags"].items()} == {k: f["fired"] for k, f in report["flags"].items()}
+    other = subprocess.run([*evaluate, "--test-subset", "20", "--report-dir", str(tmp_path)],
+                           capture_output=True, text=True, env=ENV, timeout=300)
+    assert other.returncode == 2 and "test_subset 10 there, 20 here" in other.stderr
