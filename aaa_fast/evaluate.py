@@ -19,7 +19,7 @@ from .autoattack import VERSIONS
 from .checkpoint import CheckpointError, load_checkpoint, write_json_atomic
 from .cli import HelpFormatter, check_device, number_arg, refuse_existing_output
 from .data import DatasetError, load_dataset
-from .evaluation import (EvalConfig, check_final_attack, check_test_subset, final_evaluation_points, final_test_set, format_final,
+from .evaluation import (EvalConfig, check_final_attack, check_same_evaluation, read_earlier_autoattack, check_test_subset, final_evaluation_points, final_test_set, format_final,
                          model_for)
 from .runtime import run_cli
 from .trainer import check_module_state
@@ -60,37 +60,6 @@ RUN_SETTINGS = ("config_hash", "dataset", "data_dir", "arch", "method", "seed", 
                 "test_subset")
 
 
-EARLIER_KEYS = ("aa_acc", "aa_version", "aa_eps", "aa_norm", "clean_acc", "method", "epoch", "test_subset")
-
-
-def read_earlier_autoattack(path: str) -> dict:
-    """An earlier evaluation's JSON with the AutoAttack figures --autoattack-from needs."""
-    try:
-        with open(path) as f:
-            earlier = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: --autoattack-from {path}: cannot read it ({exc})") from None
-    missing = [k for k in EARLIER_KEYS if not isinstance(earlier, dict) or k not in earlier]
-    if missing:
-        raise SystemExit(f"error: --autoattack-from {path} has no {', '.join(missing)}: it must be the --json of "
-                         "`python -m aaa_fast.evaluate --autoattack`")
-    return earlier
-
-
-def check_same_evaluation(earlier: dict, path: str, *, method: str, epoch, test_subset, eps: float, norm: str,
-                          clean_acc: float | None = None) -> None:
-    """--autoattack-from must describe this model on these images at this budget: the run's
-    settings (checked before evaluating), then the clean accuracy just measured (one image moves
-    it by 100 / N points)."""
-    now = {"method": method, "epoch": epoch, "test_subset": test_subset, "aa_eps": eps, "aa_norm": norm}
-    differ = [f"{k} {earlier[k]!r} there, {v!r} here" for k, v in now.items() if earlier[k] != v]
-    if clean_acc is not None and abs(earlier["clean_acc"] - clean_acc) > 1e-6:
-        differ.append(f"clean accuracy {earlier['clean_acc']} there, {clean_acc} here")
-    if differ:
-        raise SystemExit(f"error: --autoattack-from {path} is not an evaluation of this checkpoint on these images: "
-                         + "; ".join(differ))
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_device(args.device)
@@ -109,7 +78,10 @@ def main(argv=None) -> None:
     if args.autoattack_from is not None and (not args.masking_report or args.autoattack):
         raise SystemExit("error: --autoattack-from goes with --masking-report and without --autoattack "
                          "(it stands for running AutoAttack again)")
-    earlier = read_earlier_autoattack(args.autoattack_from) if args.autoattack_from else None
+    try:
+        earlier = read_earlier_autoattack(args.autoattack_from) if args.autoattack_from else None
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     try:
         with open(config_path) as f:
             run = argparse.Namespace(**json.load(f))
@@ -151,13 +123,19 @@ def main(argv=None) -> None:
     cfg = EvalConfig.of_run(run)
     same = dict(method=run.method, epoch=state.get("epoch"), test_subset=run.test_subset, eps=cfg.eps, norm=cfg.norm)
     if earlier:
-        check_same_evaluation(earlier, args.autoattack_from, **same)
+        try:
+            check_same_evaluation(earlier, args.autoattack_from, **same)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     result, aa = final_evaluation_points(model, data, cfg, device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
                   eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
                   epoch=state.get("epoch"), other_data=other_data)
     if earlier:
-        check_same_evaluation(earlier, args.autoattack_from, **same, clean_acc=result["clean_acc"])
+        try:
+            check_same_evaluation(earlier, args.autoattack_from, **same, clean_acc=result["clean_acc"])
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
         result["autoattack_from"] = args.autoattack_from
     print(format_final(result))
     if args.json:

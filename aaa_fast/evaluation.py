@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import json
+
 import torch
 from torch import Tensor, nn
 
@@ -285,3 +287,32 @@ def format_final(final: dict) -> str:
     return "\n".join(lines)
 
 
+EARLIER_KEYS = ("aa_acc", "aa_version", "aa_eps", "aa_norm", "clean_acc", "method", "epoch", "test_subset")
+
+
+def read_earlier_autoattack(path: str) -> dict:
+    """An earlier evaluation's JSON with the AutoAttack figures --autoattack-from needs."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--autoattack-from {path}: cannot read it ({exc})")
+    missing = [k for k in EARLIER_KEYS if not isinstance(earlier, dict) or k not in earlier]
+    if missing:
+        raise ValueError(f"--autoattack-from {path} has no {', '.join(missing)}: it must be the --json of "
+                         "`python -m aaa_fast.evaluate --autoattack`")
+    return earlier
+
+
+def check_same_evaluation(earlier: dict, path: str, *, method: str, epoch, test_subset, eps: float, norm: str,
+                          clean_acc: float | None = None) -> None:
+    """--autoattack-from must describe this model on these images at this budget: the run's
+    settings (checked before evaluating), then the clean accuracy just measured (one image moves
+    it by 100 / N points)."""
+    now = {"method": method, "epoch": epoch, "test_subset": test_subset, "aa_eps": eps, "aa_norm": norm}
+    differ = [f"{k} {earlier[k]!r} there, {v!r} here" for k, v in now.items() if earlier[k] != v]
+    if clean_acc is not None and abs(earlier["clean_acc"] - clean_acc) > 1e-6:
+        differ.append(f"clean accuracy {earlier['clean_acc']} there, {clean_acc} here")
+    if differ:
+        raise ValueError(f"--autoattack-from {path} is not an evaluation of this checkpoint on these images: "
+                         + "; ".join(differ))
