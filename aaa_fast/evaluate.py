@@ -19,8 +19,8 @@ from .autoattack import VERSIONS
 from .checkpoint import CheckpointError, load_checkpoint, write_json_atomic
 from .cli import HelpFormatter, check_device, number_arg, refuse_existing_output
 from .data import DatasetError, load_dataset
-from .evaluation import (EvalConfig, check_final_attack, check_same_evaluation, read_earlier_autoattack, check_test_subset, final_evaluation_points, final_test_set, format_final,
-                         model_for)
+from .evaluation import (EvalConfig, check_final_attack, check_same_evaluation, check_test_subset,
+                         final_evaluation_points, final_test_set, format_final, model_for, read_earlier_autoattack)
 from .runtime import run_cli
 from .trainer import check_module_state
 
@@ -78,10 +78,7 @@ def main(argv=None) -> None:
     if args.autoattack_from is not None and (not args.masking_report or args.autoattack):
         raise SystemExit("error: --autoattack-from goes with --masking-report and without --autoattack "
                          "(it stands for running AutoAttack again)")
-    try:
-        earlier = read_earlier_autoattack(args.autoattack_from) if args.autoattack_from else None
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    earlier = read_earlier_autoattack(args.autoattack_from) if args.autoattack_from else None
     try:
         with open(config_path) as f:
             run = argparse.Namespace(**json.load(f))
@@ -123,19 +120,13 @@ def main(argv=None) -> None:
     cfg = EvalConfig.of_run(run)
     same = dict(method=run.method, epoch=state.get("epoch"), test_subset=run.test_subset, eps=cfg.eps, norm=cfg.norm)
     if earlier:
-        try:
-            check_same_evaluation(earlier, args.autoattack_from, **same)
-        except ValueError as exc:
-            raise SystemExit(f"error: {exc}") from None
+        check_same_evaluation(earlier, args.autoattack_from, **same)
     result, aa = final_evaluation_points(model, data, cfg, device, progress=True)
     result.update(method=run.method, dataset=run.dataset, arch=run.arch, eval_eps=run.eval_eps,
                   eval_steps=run.eval_steps, test_subset=run.test_subset, checkpoint=args.checkpoint,
                   epoch=state.get("epoch"), other_data=other_data)
     if earlier:
-        try:
-            check_same_evaluation(earlier, args.autoattack_from, **same, clean_acc=result["clean_acc"])
-        except ValueError as exc:
-            raise SystemExit(f"error: {exc}") from None
+        check_same_evaluation(earlier, args.autoattack_from, **same, clean_acc=result["clean_acc"])
         result["autoattack_from"] = args.autoattack_from
     print(format_final(result))
     if args.json:

@@ -8,11 +8,10 @@ not robust). The same class-wise result is built for PGD and for AutoAttack.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from typing import Callable
-
-import json
 
 import torch
 from torch import Tensor, nn
@@ -296,10 +295,10 @@ def read_earlier_autoattack(path: str) -> dict:
         with open(path) as f:
             earlier = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--autoattack-from {path}: cannot read it ({exc})")
+        raise SystemExit(f"error: --autoattack-from {path}: cannot read it ({exc})") from None
     missing = [k for k in EARLIER_KEYS if not isinstance(earlier, dict) or k not in earlier]
     if missing:
-        raise ValueError(f"--autoattack-from {path} has no {', '.join(missing)}: it must be the --json of "
+        raise SystemExit(f"error: --autoattack-from {path} has no {', '.join(missing)}: it must be the --json of "
                          "`python -m aaa_fast.evaluate --autoattack`")
     return earlier
 
@@ -314,5 +313,5 @@ def check_same_evaluation(earlier: dict, path: str, *, method: str, epoch, test_
     if clean_acc is not None and abs(earlier["clean_acc"] - clean_acc) > 1e-6:
         differ.append(f"clean accuracy {earlier['clean_acc']} there, {clean_acc} here")
     if differ:
-        raise ValueError(f"--autoattack-from {path} is not an evaluation of this checkpoint on these images: "
+        raise SystemExit(f"error: --autoattack-from {path} is not an evaluation of this checkpoint on these images: "
                          + "; ".join(differ))

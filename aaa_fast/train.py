@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{m}: {get_method(m).description}" for m in method_names()))
     g.add_argument("--bound-mode", default=None, choices=BOUND_MODES,
                    help="per-sample bounds eps_i: fixed (eps for all), remargin (FRL's class-wise bounds), "
-                        "meta (from the meta-network: " + ", ".join(m for m in method_names() if get_method(m).learns_bounds)
+                        "meta (from the meta-network: " + ", ".join(method_names("learns_bounds"))
                         + "); default " + defaults_help("bound_mode"))
     g.add_argument("--eps", type=number_arg(float, 0), default=None, help="training bound eps_0 in pixel units "
                    "(e.g. 8/255); default " + defaults_help("eps") + "; 0.1 on Fashion-MNIST")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-row-weight", type=number_arg(float, 0, 1, hi_open=True),
                    default=CONFIG_DEFAULTS["min_row_weight"], metavar="TAU",
                    help="attack only what has weight (0 = off): on plain steps of " +
-                        ", ".join(m for m in method_names() if get_method(m).chooses_rows) +
+                        ", ".join(method_names("chooses_rows")) +
                         ", rows with b_i < TAU get no anti-adversarial example (paper objective: a_i < TAU, no "
                         "adversarial one); every --meta-every-th step attacks every row and measures the share "
                         "of the objective skipping drops (metrics.csv: rows_attacked, dropped_share)")

@@ -158,8 +158,8 @@ class AAAConfig:
         if self.bound_mode not in BOUND_MODES:
             raise ValueError(f"bound_mode must be one of {BOUND_MODES}, got {self.bound_mode!r}")
         if self.bound_mode == "meta" and not method.learns_bounds:
-            learners = [m for m in method_names() if get_method(m).learns_bounds]
-            raise ValueError(f"bound_mode='meta' needs a method whose meta-network gives the bounds ({learners}), "
+            raise ValueError(f"bound_mode='meta' needs a method whose meta-network gives the bounds "
+                             f"({list(method_names('learns_bounds'))}), "
                              f"not {self.method!r}")
         for name, low in (("num_classes", 2), ("steps", 0), ("meta_hidden", 1), ("meta_every", 1),
                           ("fairness_eval_steps", 0), ("seed", 0)):
@@ -197,9 +197,8 @@ class AAAConfig:
         if not 0 <= self.min_row_weight < 1:
             raise ValueError(f"min_row_weight must be in [0, 1) (0 = off), got {self.min_row_weight}")
         if self.min_row_weight > 0 and not method.chooses_rows:
-            choosers = [m for m in method_names() if get_method(m).chooses_rows]
             raise ValueError(f"min_row_weight skips rows by their chosen weights: it needs a method that chooses "
-                             f"them ({choosers}), not {self.method!r}")
+                             f"them ({list(method_names('chooses_rows'))}), not {self.method!r}")
         method.check_config(self)
 
 

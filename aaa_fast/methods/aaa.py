@@ -85,9 +85,8 @@ class AdversarialPair(WeightedObjectiveMethod):
         if plan.measure_dropped:  # the terms of the rows skipping leaves out, from this full step
             cfg = self.trainer.config
 
-            def below(w):
-                return torch.where(w < cfg.min_row_weight, w, 0) if isinstance(w, Tensor) else \
-                    (w if w < cfg.min_row_weight else 0.0)
+            def below(w):  # the weights skipping leaves out (w: (N,) or one number for every row)
+                return w * (w < cfg.min_row_weight)
             dropped = weighted_objective(batch.y, logits[0], a=0.0, u=batch.u, adv_logits=logits[1], v=batch.v,
                                          lam=cfg.lam, anti_logits=logits[2], b=below(plan.b),
                                          a_boundary=below(plan.a) if self.a_boundary is None else 0.0).total

@@ -182,9 +182,10 @@ def step_stat_names(method: str) -> tuple[str, ...]:
     return ("loss", *get_method(method).terms, *ROW_STATS)
 
 
-def method_names() -> tuple[str, ...]:
-    """Every registered method, in registration order (the CLI's --method choices)."""
-    return tuple(_REGISTRY)
+def method_names(having: str | None = None) -> tuple[str, ...]:
+    """Every registered method, in registration order (the CLI's --method choices); with
+    `having`, those whose class attribute of that name is true (e.g. "chooses_rows")."""
+    return tuple(name for name, cls in _REGISTRY.items() if having is None or getattr(cls, having))
 
 
 def defaults_help(key: str) -> str:
