@@ -233,6 +233,9 @@ GOOD = {"out": "x", "seeds": [0], "common": [], "scenarios": {"s": []}, "methods
     ({"common": ["--epochs", 2]}, "'common' must be a list of strings"),
     ({"methods": {"A": {"args": [], "scenarios": "s"}}}, "'scenarios' must be a list of scenario names"),
     ({"methods": {"A": {"args": [], "init_from": "A"}}}, "must be another method listed before it"),
+    ({"paired": [["A", "B"]]}, "'paired' must be a list of [A, B] pairs of two different methods"),
+    ({"paired": [["A", "A"]]}, "'paired' must be a list of [A, B] pairs of two different methods"),
+    ({"paired": ["A"]}, "'paired' must be a list of [A, B] pairs of two different methods"),
 ])
 def test_grid_config_values_are_checked(tmp_path, change, message):
     path = tmp_path / "g.json"
@@ -409,6 +412,54 @@ def test_report_roles_and_mechanism_table_by_hand():
             ("clean", "AAA"): [last("", "", "", "1.0")]}
     lines = report.mechanism_table(["noisy", "clean"], ["AAA", "Oracle"], runs)
     assert lines[2:] == ["| noisy | AAA | 0.80 | 0.20 | 0.90 | – | – | 0.70 |"]  # clean: no group, no row
+
+
+def test_report_paired_table_by_hand():
+    # A minus B seed by seed; seed 3 of A has no partner and is left out. avg nat: A 20, 23, 21,
+    # B 19, 20, 21 -> differences 1, 3, 0: mean 4/3, sd sqrt(((-1/3)^2 + (5/3)^2 + (4/3)^2) / 2),
+    # se = sd / sqrt(3); t(2) = 4.30 * se > 4/3, so within noise. worst rob: every seed +10 on a
+    # spread of 1.0 -> se 0, beyond noise.
+    def final(seed, nat, worst_rob, seconds, rows=None):
+        f = {"seed": seed, "avg_nat_err": nat, "worst_nat_err": 30.0, "avg_rob_err": 40.0 + seed,
+             "worst_rob_err": worst_rob, "seconds": seconds}
+        if rows is not None:
+            f["epochs"] = [{"rows_attacked": rows, "dropped_share": "0.01"}, {"rows_attacked": rows, "dropped_share": ""}]
+        return f
+
+    runs = {("s", "A"): [final(0, 20, 61, 100, "0.5"), final(1, 23, 62, 100, "0.6"), final(2, 21, 63, 50, "0.7"),
+                         final(3, 99, 99, 1)],
+            ("s", "B"): [final(0, 19, 51, 150), final(1, 20, 52, 200), final(2, 21, 53, 100)]}
+    lines = report.paired_table(["s", "other"], [["A", "B"]], runs)
+    assert len(lines) == 3 and lines[2].startswith("| s | A − B | 3 | ")
+    cells = lines[2].split(" | ")[3:]
+    sd = math.sqrt(((1 - 4 / 3) ** 2 + (3 - 4 / 3) ** 2 + (0 - 4 / 3) ** 2) / 2)
+    assert cells[0] == f"+1.3 ± {sd / math.sqrt(3):.1f} (spread 1.0)"
+    assert cells[1] == "+0.0 ± 0.0 (spread 0.0)"  # equal everywhere: no shift, nothing beyond noise
+    assert cells[2] == "+0.0 ± 0.0 (spread 1.0)"
+    assert cells[3] == "+10.0 ± 0.0 (spread 1.0) **beyond noise**"
+    assert cells[4] == f"{(1.5 + 2 + 2) / 3:.2f}×"  # B's seconds over A's, per seed
+    assert cells[5] == "60.0%, 1.0% |"  # rows attacked 0.5/0.6/0.7; dropped share only where measured
+    one = report.paired_table(["s"], [["A", "B"]], {("s", "A"): runs["s", "A"][:1], ("s", "B"): runs["s", "B"]})
+    assert "+1.0 (one seed)" in one[2]
+
+
+def test_report_of_a_paired_grid_heads_with_the_paired_table(finished_grid, tmp_path):
+    # a grid of two arms and no baselines (experiments/fmnist_skip.json): no best-minus-best table
+    # with empty cells; the paired comparison is the headline
+    cfg = grid_mod.load_grid(finished_grid)
+    cfg["report"] = {"aaa": ["AAA-meta"], "baselines": []}
+    cfg["paired"] = [["AAA-meta", "FRL"]]
+    (tmp_path / "toy.json").write_text(json.dumps(cfg))
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- grid:toy:headline begin -->\n<!-- grid:toy:headline end -->\n")
+    report.main([str(tmp_path / "toy.json"), "--markdown", str(doc)])
+    text = doc.read_text()
+    assert "Best AAA variant minus" not in text and "Controls minus" not in text
+    # clean, avg nat: AAA-meta 18, 19, 20 minus FRL 21, 21, 21 -> -3, -2, -1: mean -2, se 1/sqrt(3),
+    # whose 95% t-interval (4.30 se = 2.5) holds 0
+    row = next(line for line in text.splitlines() if line.startswith("| clean | AAA-meta − FRL | 3 |"))
+    assert row.startswith("| clean | AAA-meta − FRL | 3 | -2.0 ± 0.6 (spread 0.0) |") and "beyond" not in row
+    assert row.endswith("| 1.00× | – |")
 
 
 def test_report_needs_markers_and_results(finished_grid, tmp_path):

@@ -6,6 +6,8 @@ A grid config (JSON) has "out" (the results' root), "seeds", "common" (arguments
 "scenarios": [...], "init_from": NAME}: "scenarios" limits a method to those scenarios;
 "init_from" makes it a hot start, fine-tuned from the final weights of method NAME's run of the
 same scenario and seed, a shared pretraining stage listed before it, whose checkpoint is kept).
+Optional: "paired" ([[A, B], ...]: the report compares A with B seed by seed), "report" (roles),
+"evaluation" (experiments/evaluate_grid.py), "class_names", "keep_weights".
 Each run writes to <out>/<scenario>/<method>/seed<k>/.
 """
 from __future__ import annotations
@@ -84,6 +86,10 @@ def load_grid(path: str) -> dict:
         source = spec.get("init_from")
         if source is not None and (source not in names or names.index(source) >= names.index(name)):
             refuse(f"method {name!r} starts from {source!r}, which must be another method listed before it")
+    paired = grid.get("paired", [])
+    if not (isinstance(paired, list) and all(isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]
+                                             and all(m in grid["methods"] for m in pair) for pair in paired)):
+        refuse(f"'paired' must be a list of [A, B] pairs of two different methods of the grid, got {paired!r}")
     return grid
 
 

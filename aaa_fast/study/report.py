@@ -71,6 +71,7 @@ def collect(grid: dict, damaged: list[str] | None = None) -> dict:
                 if missing:
                     damaged.append(f"{path}: no finite {', '.join(missing)}")
                     continue
+                final["seed"] = seed
                 finals.append(final)
                 if os.path.exists(os.path.join(out, "run.json")):
                     if isinstance(run := read_json(os.path.join(out, "run.json"), damaged), dict) and "seconds" in run:
@@ -210,6 +211,53 @@ def mechanism_table(scenarios: list[str], methods: list[str], runs: dict) -> lis
     return lines
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 for n pairs); 2.0 beyond
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def paired_table(scenarios: list[str], pairs: list[list[str]], runs: dict) -> list[str]:
+    """Method A minus method B seed by seed (the same seed: the same data, label noise and initial
+    weights), mean shift ± its standard error over the paired seeds, and B's seed spread (std) for
+    scale; a shift whose 95% t-interval excludes 0 is marked beyond seed noise. Then B's wall time
+    over A's (runner seconds, mean of the per-seed ratios) and A's share of attack rows attacked and
+    of the objective dropped (min_row_weight's columns, mean over seeds and epochs)."""
+    labels = dict(METRICS)
+    lines = ["| scenario | A − B | seeds | " + " | ".join(labels[k] for k in HEADLINE)
+             + " | wall time B / A | A: rows attacked, loss dropped |", "|---|---|---|" + "---|" * (len(HEADLINE) + 2)]
+    for sc in scenarios:
+        for a, b in pairs:
+            by_seed = {f["seed"]: f for f in runs.get((sc, b), [])}
+            both = [(f, by_seed[f["seed"]]) for f in runs.get((sc, a), []) if f["seed"] in by_seed]
+            if not both:
+                continue
+            n = len(both)
+            cells = []
+            for k in HEADLINE:
+                mean, sd = mean_std([fa[k] - fb[k] for fa, fb in both])
+                if n < 2:
+                    cells.append(f"{mean:+.1f} (one seed)")
+                    continue
+                se = sd / math.sqrt(n)
+                beyond = abs(mean) > T95.get(n - 1, 2.0) * se
+                cells.append(f"{mean:+.1f} ± {se:.1f} (spread {mean_std([fb[k] for _, fb in both])[1]:.1f})"
+                             + (" **beyond noise**" if beyond else ""))
+            timed = [fb["seconds"] / fa["seconds"] for fa, fb in both if fa.get("seconds") and fb.get("seconds")]
+            cells.append(f"{sum(timed) / len(timed):.2f}×" if timed else "–")
+            shares = []
+            for key in ("rows_attacked", "dropped_share"):
+                values = [float(row[key]) for fa, _ in both for row in fa.get("epochs", []) if row.get(key, "") != ""]
+                shares.append(f"{100 * sum(values) / len(values):.1f}%" if values else "–")
+            cells.append(", ".join(shares) if shares != ["–", "–"] else "–")
+            lines.append(f"| {sc} | {a} − {b} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_section(scenarios: list[str], pairs: list[list[str]], runs: dict) -> list[str]:
+    return ["**Paired by seed** (A minus B on the same seeds, in points; mean shift ± its standard error, and B's "
+            "spread over seeds; **beyond noise**: the shift's 95% t-interval excludes 0):", "",
+            *paired_table(scenarios, pairs, runs), ""]
+
+
 def markdown(grid: dict, runs: dict, agg: dict) -> dict[str, str]:
     """The report's sections by marker suffix: '' the whole report, ':headline' its first table."""
     scenarios, methods = list(grid["scenarios"]), list(grid["methods"])
@@ -225,13 +273,16 @@ def markdown(grid: dict, runs: dict, agg: dict) -> dict[str, str]:
     where = f" ({', '.join(f'{n} on {d}' for d, n in sorted(devices.items()))})" if devices else ""
     head = [f"Errors in % (lower is better), mean ± std over seeds. "
             f"{n_runs} of {total} runs finished{where}" + (f", {minutes:.0f} min of runner wall time in all."
-                                                            if minutes else "."),
-            "", f"**Best AAA variant minus best adversarial baseline** ({', '.join(role['versus'])} against "
-            f"{', '.join(role['baselines'])}; each picked per cell, so both sides get their best), ± the standard "
-            "error of the difference; negative favours AAA:",
-            "", *versus_table(scenarios, role["versus"], role["baselines"], agg), ""]
+                                                            if minutes else "."), ""]
+    if role["baselines"]:
+        head += [f"**Best AAA variant minus best adversarial baseline** ({', '.join(role['versus'])} against "
+                 f"{', '.join(role['baselines'])}; each picked per cell, so both sides get their best), ± the "
+                 "standard error of the difference; negative favours AAA:",
+                 "", *versus_table(scenarios, role["versus"], role["baselines"], agg), ""]
+    elif grid.get("paired"):  # a grid of paired arms, no baselines: the comparison is its headline
+        head += paired_section(scenarios, grid["paired"], runs)
     out = [*head]
-    if role["controls"]:
+    if role["controls"] and role["baselines"]:
         out += ["**Controls minus best adversarial baseline** (the oracle's headroom: a perfect selector):", "",
                 *versus_table(scenarios, role["controls"], role["baselines"], agg), ""]
     out += ["Per scenario (bold: best in the column):", ""]
@@ -244,6 +295,8 @@ def markdown(grid: dict, runs: dict, agg: dict) -> dict[str, str]:
                 "above adversarial weight a_i in the first epoch (mean over seeds, min–max) → in the last epoch "
                 "(mean) / mean bound ε_i in the last epoch:", "",
                 *aaa_diagnostics_table(scenarios, role["aaa"], runs), ""]
+    if grid.get("paired") and role["baselines"]:
+        out += paired_section(scenarios, grid["paired"], runs)
     mechanism = mechanism_table(scenarios, [*role["aaa"], *role["controls"]], runs)
     if len(mechanism) > 2:
         out += ["**Mechanism** (last epoch, mean over seeds): share of rows sent to the anti term (b_i > a_i) "
