@@ -462,6 +462,44 @@ def test_report_of_a_paired_grid_heads_with_the_paired_table(finished_grid, tmp_
     assert row.endswith("| 1.00× | – |")
 
 
+def test_row_weights_reads_the_run_and_counts_kept_rows(tmp_path, data_dir, capsys):
+    """experiments/row_weights.py on a real checkpoint: the paper objective keeps both copies of a
+    row only where min(a_i, b_i) >= tau, so tau = 0.5 keeps exactly one copy of every row (50%)
+    and a tau below every weight keeps them all; the weights are those the meta-network gives."""
+    import importlib.util
+
+    import torch
+
+    from aaa_fast.run import train
+    from aaa_fast.train import build_parser, resolve_defaults
+
+    argv = ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--arch", "small-cnn", "--epochs", "1",
+            "--batch-size", "64", "--steps", "1", "--num-meta", "50", "--meta-batch-size", "20", "--eval-steps", "2",
+            "--eval-subset", "20", "--test-subset", "50", "--device", "cpu", "--label-noise", "uniform",
+            "--noise-rate", "0.4", "--method", "aaa", "--objective", "paper", "--meta-every", "2",
+            "--out", str(tmp_path / "run"), "--progress", "lines"]
+    train(resolve_defaults(build_parser().parse_args(argv)))
+    spec = importlib.util.spec_from_file_location("row_weights", os.path.join(ROOT, "experiments", "row_weights.py"))
+    rw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rw)
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    a, b, corrupted, paper = rw.row_weights(checkpoint, argv)
+    assert paper and a.shape == b.shape == corrupted.shape == (250,) and 0 < int(corrupted.sum()) < 250
+    torch.testing.assert_close(a + b, torch.ones_like(a))  # the softmax's two weights
+    assert rw.kept(a, b, 0.5, True)[0] == 0.5 and rw.kept(a, b, 0.5, False)[0] == 1 - (b < 0.5).double().mean().item() / 2
+    low = float(torch.minimum(a, b).min()) / 2
+    assert rw.kept(a, b, low, True) == (1.0, 0.0)
+    tau = float(torch.minimum(a, b).median())
+    attacked, left_out = rw.kept(a, b, tau, True)
+    lo = torch.minimum(a, b).double()
+    assert attacked == 1 - (lo < tau).double().mean().item() / 2
+    assert math.isclose(left_out, (lo * (lo < tau)).mean().item(), rel_tol=1e-12)
+    assert rw.main(["--checkpoint", checkpoint, "--tau", "0.5", "--", *argv]) == 0
+    out = capsys.readouterr().out
+    assert f"250 training rows ({int(corrupted.sum())} with corrupted labels), paper objective" in out
+    assert out.splitlines()[-1].startswith("0.5        50.0%")
+
+
 def test_report_needs_markers_and_results(finished_grid, tmp_path):
     doc = tmp_path / "plain.md"
     doc.write_text("no markers\n")
