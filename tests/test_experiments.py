@@ -438,7 +438,7 @@ def test_report_paired_table_by_hand():
     assert cells[2] == "+0.0 ± 0.0 (spread 1.0)"
     assert cells[3] == "+10.0 ± 0.0 (spread 1.0) **beyond noise**"
     assert cells[4] == f"{(1.5 + 2 + 2) / 3:.2f}×"  # B's seconds over A's, per seed
-    assert cells[5] == "60.0%, 1.0% |"  # rows attacked 0.5/0.6/0.7; dropped share only where measured
+    assert cells[5] == "60.0%, 1.00% |"  # rows attacked 0.5/0.6/0.7; dropped share only where measured
     one = report.paired_table(["s"], [["A", "B"]], {("s", "A"): runs["s", "A"][:1], ("s", "B"): runs["s", "B"]})
     assert "+1.0 (one seed)" in one[2]
 

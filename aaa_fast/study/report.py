@@ -244,9 +244,9 @@ def paired_table(scenarios: list[str], pairs: list[list[str]], runs: dict) -> li
             timed = [fb["seconds"] / fa["seconds"] for fa, fb in both if fa.get("seconds") and fb.get("seconds")]
             cells.append(f"{sum(timed) / len(timed):.2f}×" if timed else "–")
             shares = []
-            for key in ("rows_attacked", "dropped_share"):
+            for key, digits in (("rows_attacked", 1), ("dropped_share", 2)):  # dropped shares are small
                 values = [float(row[key]) for fa, _ in both for row in fa.get("epochs", []) if row.get(key, "") != ""]
-                shares.append(f"{100 * sum(values) / len(values):.1f}%" if values else "–")
+                shares.append(f"{100 * sum(values) / len(values):.{digits}f}%" if values else "–")
             cells.append(", ".join(shares) if shares != ["–", "–"] else "–")
             lines.append(f"| {sc} | {a} − {b} | {n} | " + " | ".join(cells) + " |")
     return lines
