@@ -27,8 +27,8 @@ TAUS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4)
 
 
 def row_weights(checkpoint: str, train_argv: list[str], chunk: int = 500):
-    """(a, b, corrupted, paper objective?) for every training row, from the checkpoint's model,
-    meta-network and class statistics."""
+    """(a, b, corrupted, whether skipping can drop adversarial rows: the paper objective) for every
+    training row, from the checkpoint's model, meta-network and class statistics."""
     args = resolve_defaults(build_parser().parse_args(train_argv))
     ranks = Distributed("cpu")
     data, scenario = load_run_data(args, ranks)
@@ -48,7 +48,10 @@ def row_weights(checkpoint: str, train_argv: list[str], chunk: int = 500):
             ai, bi, _ = trainer.meta_net(features)
             a.append(ai)
             b.append(bi)
-    return torch.cat(a), torch.cat(b), scenario.train_y != scenario.train_y_clean, args.objective == "paper"
+    # the method's rule, not the flag's: a_i weights the adversarial rows only where a_boundary is
+    # None (the paper objective), so only there can skipping drop them
+    skips_adversarial = trainer.method.a_boundary is None
+    return torch.cat(a), torch.cat(b), scenario.train_y != scenario.train_y_clean, skips_adversarial
 
 
 def kept(a, b, tau: float, paper: bool):
@@ -68,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tau", type=float, nargs="+", default=list(TAUS), help="thresholds to report")
     args = p.parse_args(ours)
     a, b, corrupted, paper = row_weights(args.checkpoint, train_argv)
+    quartiles = torch.quantile(b.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     print(f"{a.shape[0]} training rows ({int(corrupted.sum())} with corrupted labels), "
           f"{'paper' if paper else 'kl-all'} objective; b_i > a_i for {100 * (b > a).double().mean():.1f}%; "
-          f"b_i quartiles {', '.join(f'{q:.3g}' for q in torch.quantile(b.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist())}")
+          f"b_i quartiles {', '.join(f'{q:.3g}' for q in quartiles)}")
     print("tau      rows attacked  (corrupted / clean rows)  weight left out per row")
     for tau in args.tau:
         everyone, left_out = kept(a, b, tau, paper)
