@@ -466,8 +466,6 @@ def test_row_weights_reads_the_run_and_counts_kept_rows(tmp_path, data_dir, caps
     """experiments/row_weights.py on a real checkpoint: the paper objective keeps both copies of a
     row only where min(a_i, b_i) >= tau, so tau = 0.5 keeps exactly one copy of every row (50%)
     and a tau below every weight keeps them all; the weights are those the meta-network gives."""
-    import importlib.util
-
     import torch
 
     from aaa_fast.run import train
@@ -479,9 +477,7 @@ def test_row_weights_reads_the_run_and_counts_kept_rows(tmp_path, data_dir, caps
             "--noise-rate", "0.4", "--method", "aaa", "--objective", "paper", "--meta-every", "2",
             "--out", str(tmp_path / "run"), "--progress", "lines"]
     train(resolve_defaults(build_parser().parse_args(argv)))
-    spec = importlib.util.spec_from_file_location("row_weights", os.path.join(ROOT, "experiments", "row_weights.py"))
-    rw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rw)
+    rw = load_script("row_weights")
     checkpoint = str(tmp_path / "run" / "checkpoint.pt")
     a, b, corrupted, paper = rw.row_weights(checkpoint, argv)
     assert paper and a.shape == b.shape == corrupted.shape == (250,) and 0 < int(corrupted.sum()) < 250
@@ -498,6 +494,52 @@ def test_row_weights_reads_the_run_and_counts_kept_rows(tmp_path, data_dir, caps
     out = capsys.readouterr().out
     assert f"250 training rows ({int(corrupted.sum())} with corrupted labels), paper objective" in out
     assert out.splitlines()[-1].startswith("0.5        50.0%")
+
+
+def load_script(name: str):
+    """One of experiments/*.py as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_first_steps_are_the_runs_steps(tmp_path, data_dir, capsys):
+    """experiments/first_steps.py against the CLI's own run of the same command: over a whole
+    epoch its step losses average to metrics.csv's epoch loss and its weights digest is that of
+    the run's checkpoint; a run.json command is taken as it is (its --out, --resume and --progress
+    dropped); the same command twice prints the same lines."""
+    import csv
+
+    from aaa_fast.checkpoint import load_checkpoint
+    from aaa_fast.run import train
+    from aaa_fast.train import build_parser, resolve_defaults
+
+    fs = load_script("first_steps")
+    argv = ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--arch", "small-cnn", "--epochs", "1",
+            "--batch-size", "64", "--steps", "1", "--num-meta", "50", "--meta-batch-size", "20", "--eval-steps", "2",
+            "--eval-subset", "20", "--test-subset", "50", "--device", "cpu", "--label-noise", "uniform",
+            "--noise-rate", "0.4", "--method", "aaa", "--objective", "paper", "--meta-every", "2"]
+    out = tmp_path / "run"
+    train(resolve_defaults(build_parser().parse_args([*argv, "--out", str(out), "--progress", "lines"])))
+    with open(out / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    steps = 4  # 250 training rows in batches of 64
+    taken, digest = fs.first_steps(["-m", "aaa_fast.train", *argv, "--out", "elsewhere", "--resume",
+                                    "--progress", "bar"], steps)
+    assert len(taken) == steps
+    assert math.isclose(sum(loss for loss, _ in taken) / steps, float(row["loss"]), rel_tol=1e-9)
+    assert math.isclose(sum(anti for _, anti in taken) / steps, float(row["frac_anti"]), rel_tol=1e-9)
+    assert digest == fs.weights_digest(load_checkpoint(str(out / "checkpoint.pt"))["trainer"]["model"])
+    assert fs.main(["--steps", "2", "--", *argv]) == 0
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert fs.main(["--steps", "2", "--", *argv]) == 0
+    assert first == [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert first[0] == f"step 1: loss {taken[0][0]!r}, anti share {taken[0][1]!r}"
+    with pytest.raises(SystemExit, match="--steps must be between 1 and the run's 4"):
+        fs.first_steps(argv, 5)
 
 
 def test_report_needs_markers_and_results(finished_grid, tmp_path):
