@@ -3,14 +3,18 @@
 - ERM, PGD-AT, TRADES and AAA steps of aaa_fast.AAATrainer;
 - AAA with a meta step every 50 iterations and every iteration: a meta iteration and a plain
   one are timed separately and combined as (meta + (k-1) * plain) / k;
-- the straightforward reference implementation (benchmarks/baselines/reference_aaa.py);
+- the straightforward reference implementation (benchmarks/baselines/reference_aaa.py) at the
+  same precision (under autocast, channels_last as asked) and, with --amp, also in fp32, its
+  own default;
 - the forward/backward passes an AAA iteration minimally needs, timed bare: the clean eval
   forward, K attack steps of forward + input-gradient backward on 2N rows, and the train
   forward + backward on 3N rows;
 - attack only what has weight (min_row_weight): plain AAA steps whose anti-adversarial rows
   are those of a clean-label run (none) and of a 40%-label-noise run (40% of the rows; study
   v2's last-epoch shares), with every row attacked and with min_row_weight 0.5 (the aaa-oracle
-  control fixes b_i in {0, 1}, so the share is exact);
+  control fixes b_i in {0, 1}, so the share is exact), in fp32 and (with --amp) at the asked
+  precision, each combined with its meta step into an iteration with meta every 50, against
+  fp32 with every row attacked: a candidate default against today's in one run;
 - on CUDA: AAA with its attacks run eagerly instead of replayed from CUDA graphs, the FLOPs of
   the minimal passes (torch.utils.flop_counter) and what an AAA iteration achieves with them
   (TFLOP/s, and MFU against --peak-tflops, default the GPU's dense bf16/fp16 peak when known),
@@ -79,8 +83,8 @@ def main():
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
         meta = MetaNet().to(device) if get_method(method).uses_meta_net else None
         meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-4, fused=fused) if meta is not None else None
-        config = AAAConfig(method=method, steps=args.steps, amp=args.amp, channels_last=args.channels_last,
-                           compile=args.compile, **cfg)
+        config = AAAConfig(**{"method": method, "steps": args.steps, "amp": args.amp,
+                              "channels_last": args.channels_last, "compile": args.compile, **cfg})
         return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
 
     baselines = {m: fresh(m) for m in ("erm", "pgd-at", "trades", "mart")}
@@ -116,30 +120,50 @@ def main():
         eager = fresh("aaa", meta_every=10**9, cuda_graphs=False)
         plain_fns["aaa, no CUDA graphs"] = lambda: eager.step(x, y, xm, ym)
     meta_fns = {"aaa": lambda: aaa.step(x, y, xm, ym)}
-    if not args.skip_reference:
+    # the reference at the same precision (wrapped in autocast, as a user of it would) and, with
+    # --amp, also at its own default (fp32), so that both sides are compared at their defaults
+    references = {"reference": (amp_ctx, args.channels_last)}
+    if args.amp != "none":
+        references["reference fp32"] = (lambda: torch.autocast(device.type, enabled=False), False)
+    for ref_name, (ref_ctx, ref_channels_last) in references.items() if not args.skip_reference else ():
         torch.manual_seed(0)
         ref_model = build_model(args.arch, in_channels=channels).to(device)
+        if ref_channels_last:
+            ref_model = ref_model.to(memory_format=torch.channels_last)
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         ref_meta = MetaNet().to(device)
         ref_meta_opt = torch.optim.Adam(ref_meta.parameters(), lr=1e-4)
         common = dict(eps=10 / 255, alpha=2 / 255, steps=args.steps, lam=1.5,
                       class_loss_avg=torch.full((10,), 5.0, device=device),
                       class_share=torch.full((10,), 0.1, device=device))
+        ref_x, ref_xm = ((x.contiguous(memory_format=torch.channels_last), xm.contiguous(memory_format=torch.channels_last))
+                         if ref_channels_last else (x, xm))
         for fns, meta_step in ((plain_fns, False), (meta_fns, True)):
-            fns["reference"] = lambda meta_step=meta_step: reference_iteration(
-                ref_model, ref_opt, ref_meta, ref_meta_opt, x, y, xm, ym, meta_step=meta_step, **common)
+            def ref_step(meta_step=meta_step, ctx=ref_ctx, parts=(ref_model, ref_opt, ref_meta, ref_meta_opt),
+                         inputs=(ref_x, y, ref_xm, ym), common=common):
+                with ctx():
+                    reference_iteration(*parts, *inputs, meta_step=meta_step, **common)
+            fns[ref_name] = ref_step
+    # skipping at fp32 and (with --amp) at the asked precision too, each with its meta step, so
+    # that a candidate default (precision x skipping) is timed against fp32 in the same run
+    precisions = {"fp32": dict(amp="none", channels_last=False)}
+    if args.amp != "none":
+        precisions[args.amp + (" + channels_last" if args.channels_last else "")] = {}
     skipping = {}
-    for share in (0.0, 0.4):
-        corrupted = (torch.arange(args.batch) < round(share * args.batch)).to(device)
-        for tau in (0.0, 0.5):
-            trainer = fresh("aaa-oracle", min_row_weight=tau, meta_every=10**9)  # iteration 0 (warm-up) attacks all
-            skipping[(share, tau)] = lambda t=trainer, c=corrupted: t.step(x, y, corrupted=c)
+    for precision, settings in precisions.items():
+        skipping[(precision, "meta")] = lambda t=fresh("aaa", meta_every=1, **settings): t.step(x, y, xm, ym)
+        for share in (0.0, 0.4):
+            corrupted = (torch.arange(args.batch) < round(share * args.batch)).to(device)
+            for tau in (0.0, 0.5):
+                # iteration 0 (the warm-up) attacks every row; the timed ones are plain steps
+                trainer = fresh("aaa-oracle", min_row_weight=tau, meta_every=10**9, **settings)
+                skipping[(precision, share, tau)] = lambda t=trainer, c=corrupted: t.step(x, y, corrupted=c)
     # plain iterations and meta iterations are each timed in interleaved rounds
     t_skip = timed_round_robin(skipping, device, args.repeats)
     t_plain = timed_round_robin(plain_fns, device, args.repeats)
     t_meta = timed_round_robin(meta_fns, device, args.repeats)
     t_min = t_plain["minimal"]
-    for name in ("aaa", "reference") if not args.skip_reference else ("aaa",):
+    for name in ("aaa", *(references if not args.skip_reference else ())):
         rows[f"{name} (meta every 50)"] = (t_meta[name] + 49 * t_plain[name]) / 50
         rows[f"{name} (meta every 1)"] = t_meta[name]
     if "aaa, no CUDA graphs" in t_plain:
@@ -147,16 +171,25 @@ def main():
         rows["aaa (no meta step), eager"] = t_plain["aaa, no CUDA graphs"]
 
     baseline_of = {f"aaa (meta every {k})": f"reference (meta every {k})" for k in (1, 50)}
-    print(f"{'step':<28} {'s/iter':>8} {'iter/s':>8} {'vs reference':>12}")
+    fp32_of = {f"aaa (meta every {k})": f"reference fp32 (meta every {k})" for k in (1, 50)}
+    print(f"{'step':<32} {'s/iter':>8} {'iter/s':>8} {'vs reference':>12} {'vs reference fp32':>17}")
     for name, t in rows.items():
-        ref = rows.get(baseline_of.get(name, ""))
-        ratio = f"{ref / t:>11.2f}x" if ref else ""
-        print(f"{name:<28} {t:>8.3f} {1 / t:>8.3f} {ratio:>12}")
-    print(f"{'minimal fwd/bwd passes':<28} {t_min:>8.3f} {1 / t_min:>8.3f}")
+        ratios = [f"{rows[of[name]] / t:.2f}x" if of.get(name) in rows else "" for of in (baseline_of, fp32_of)]
+        print(f"{name:<32} {t:>8.3f} {1 / t:>8.3f} {ratios[0]:>12} {ratios[1]:>17}")
+    print(f"{'minimal fwd/bwd passes':<32} {t_min:>8.3f} {1 / t_min:>8.3f}")
+    for precision in precisions:
+        for share in (0.0, 0.4):
+            full, skip = t_skip[(precision, share, 0.0)], t_skip[(precision, share, 0.5)]
+            print(f"plain step, {precision}, {share:.0%} anti rows: every row {full:.3f} s, min_row_weight 0.5 "
+                  f"{skip:.3f} s: {full / skip:.2f}x")
+    print("iteration with a meta step every 50 ((meta + 49 plain) / 50), against fp32 with every row attacked:")
     for share in (0.0, 0.4):
-        full, skip = t_skip[(share, 0.0)], t_skip[(share, 0.5)]
-        print(f"plain step, {share:.0%} anti rows: every row {full:.3f} s, min_row_weight 0.5 {skip:.3f} s: "
-              f"{full / skip:.2f}x")
+        iteration = {(precision, tau): (t_skip[(precision, "meta")] + 49 * t_skip[(precision, share, tau)]) / 50
+                     for precision in precisions for tau in (0.0, 0.5)}
+        today = iteration[("fp32", 0.0)]
+        for (precision, tau), t in iteration.items():
+            rows_note = "every row" if tau == 0 else "min_row_weight 0.5"
+            print(f"  {share:.0%} anti rows, {precision}, {rows_note}: {t:.3f} s/iter, {today / t:.2f}x")
     print(f"aaa (no meta step) / minimal passes: {t_plain['aaa'] / t_min:.3f}x")
     with FlopCounterMode(display=False) as counter:
         minimal()
