@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -583,6 +584,38 @@ def test_a_runner_killed_by_sigkill_stops_its_run_cleanly_once(tmp_path):
         assert time.time() < deadline, f"the orphaned child did not stop cleanly:\n{log.read_text()}"
         time.sleep(0.05)
     assert "received signal 1" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def test_a_driver_waiting_for_another_tasks_run_stops_on_sigterm(tmp_path):
+    """A study driver whose next run is owned by another driver (its .study.lock held) waits
+    for it; a SIGTERM then ends the wait at once (exit 130, "interrupted"), instead of after the
+    other driver's run, and the waiting driver starts nothing."""
+    import fcntl
+
+    out = tmp_path / "res"
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"out": str(out), "seeds": [0], "common": [], "scenarios": {"s": []},
+                                "methods": {"A": ["--method", "erm"]}}))
+    run_dir = out / "s" / "A" / "seed0"
+    run_dir.mkdir(parents=True)
+    owner = os.open(run_dir / ".study.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(owner, fcntl.LOCK_EX)  # the other driver's task
+    driver = subprocess.Popen([sys.executable, "-m", "aaa_fast.study", "run", str(grid), "--executor", "local"],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen, deadline = "", time.time() + 60
+        while "another study task owns" not in seen:
+            assert time.time() < deadline and driver.poll() is None, f"the driver did not wait:\n{seen}"
+            seen += driver.stdout.readline()
+        driver.send_signal(signal.SIGTERM)
+        rest, _ = driver.communicate(timeout=20)  # not the other run's hours
+        assert driver.returncode == 130, seen + rest
+        assert "interrupted" in rest and sorted(os.listdir(run_dir)) == [".study.lock"]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        os.close(owner)
 
 
 @pytest.mark.slow

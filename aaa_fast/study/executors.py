@@ -97,7 +97,8 @@ class LocalExecutor:
                 if stopping:
                     return {"cell": cell, "status": "interrupted", "seconds": 0.0, "summary": "", "node": "?"}
                 try:
-                    return run_cell(grid, cell, keep_checkpoints=keep_checkpoints, on_start=track, on_end=untrack)
+                    return run_cell(grid, cell, keep_checkpoints=keep_checkpoints, on_start=track, on_end=untrack,
+                                    stop_requested=lambda: bool(stopping))
                 except RunFailed as exc:
                     if attempt == self.max_retries:
                         return failed_result(cell, exc)

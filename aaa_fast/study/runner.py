@@ -49,10 +49,16 @@ def launch(cmd: list[str], log) -> subprocess.Popen:
                             preexec_fn=(lambda: _term_when_parent_dies(parent)) if _PRCTL is not None else None)
 
 
-class _Flock:
-    """An exclusive flock on `path`, taken by waiting (`say` is printed once if it has to wait)."""
+class StopWhileWaiting(Exception):
+    """A stop was requested while waiting for another task's lock."""
 
-    def __init__(self, path: str, say: str | None = None, poll: float = 0.2):
+
+class _Flock:
+    """An exclusive flock on `path`, taken by waiting (`say` is printed once if it has to wait).
+    `stop_requested()` is asked while waiting: a driver told to stop must not wait for another
+    task's run to end first (StopWhileWaiting)."""
+
+    def __init__(self, path: str, say: str | None = None, poll: float = 0.2, stop_requested=None):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,6 +66,9 @@ class _Flock:
             if say:
                 print(say, flush=True)
             while True:
+                if stop_requested is not None and stop_requested():
+                    os.close(self.fd)
+                    raise StopWhileWaiting(path) from None
                 time.sleep(poll)
                 try:
                     fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,11 +129,13 @@ def record(grid: dict, cell: Cell, cmd: list[str], seconds: float, node: str, ke
 
 
 def run_cell(grid: dict, cell: Cell, *, keep_checkpoints: bool = False, node: str | None = None,
-             on_start=None, on_end=None) -> dict:
+             on_start=None, on_end=None, stop_requested=None) -> dict:
     """Train one run to its end (or to a signal) and record it. Returns {"cell", "status",
     "seconds", "summary", "node"}; raises RunFailed when the training process fails.
-    on_start(proc) / on_end(proc): the executor's hooks to forward signals to the process. A
-    KeyboardInterrupt (Ray's cancellation) stops the training process (it checkpoints) first."""
+    on_start(proc) / on_end(proc): the executor's hooks to forward signals to the process;
+    stop_requested(): asked while waiting for another task that owns the run (status
+    "interrupted" when it says yes). A KeyboardInterrupt (Ray's cancellation) stops the
+    training process (it checkpoints) first."""
     out = cell_dir(grid, cell)
     node = node or socket.gethostname()
     result = {"cell": cell, "status": "skipped", "seconds": 0.0, "summary": "", "node": node}
@@ -134,12 +145,20 @@ def run_cell(grid: dict, cell: Cell, *, keep_checkpoints: bool = False, node: st
     if source is not None and not finished(grid, source.seed, source.scenario, source.method):
         return dict(result, status="blocked", summary=f"its start {source.method} did not finish")
     os.makedirs(out, exist_ok=True)
-    owner = _Flock(os.path.join(out, ".study.lock"), f"{cell}: another study task owns {out}; waiting for it")
+    try:
+        owner = _Flock(os.path.join(out, ".study.lock"), f"{cell}: another study task owns {out}; waiting for it",
+                       stop_requested=stop_requested)
+    except StopWhileWaiting:
+        return dict(result, status="interrupted")
     try:
         if finished(grid, cell.seed, cell.scenario, cell.method):  # the other task finished it
             return result
         # a training process still stopping (its task was killed, it got SIGTERM) holds .lock
-        _Flock(os.path.join(out, ".lock"), f"{cell}: waiting for the previous process of {out} to stop").release()
+        try:
+            _Flock(os.path.join(out, ".lock"), f"{cell}: waiting for the previous process of {out} to stop",
+                   stop_requested=stop_requested).release()
+        except StopWhileWaiting:
+            return dict(result, status="interrupted")
         cmd = command(grid, cell.scenario, cell.method, cell.seed)
         t0 = time.time()
         with open(os.path.join(out, "train.log"), "a") as log:
