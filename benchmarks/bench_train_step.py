@@ -122,10 +122,10 @@ def main():
     meta_fns = {"aaa": lambda: aaa.step(x, y, xm, ym)}
     # the reference at the same precision (wrapped in autocast, as a user of it would) and, with
     # --amp, also at its own default (fp32), so that both sides are compared at their defaults
-    references = {"reference": (amp_ctx, args.channels_last)}
-    if args.amp != "none":
+    references = {} if args.skip_reference else {"reference": (amp_ctx, args.channels_last)}
+    if references and args.amp != "none":
         references["reference fp32"] = (lambda: torch.autocast(device.type, enabled=False), False)
-    for ref_name, (ref_ctx, ref_channels_last) in references.items() if not args.skip_reference else ():
+    for ref_name, (ref_ctx, ref_channels_last) in references.items():
         torch.manual_seed(0)
         ref_model = build_model(args.arch, in_channels=channels).to(device)
         if ref_channels_last:
@@ -163,7 +163,7 @@ def main():
     t_plain = timed_round_robin(plain_fns, device, args.repeats)
     t_meta = timed_round_robin(meta_fns, device, args.repeats)
     t_min = t_plain["minimal"]
-    for name in ("aaa", *(references if not args.skip_reference else ())):
+    for name in ("aaa", *references):
         rows[f"{name} (meta every 50)"] = (t_meta[name] + 49 * t_plain[name]) / 50
         rows[f"{name} (meta every 1)"] = t_meta[name]
     if "aaa, no CUDA graphs" in t_plain:

@@ -462,6 +462,16 @@ def test_report_of_a_paired_grid_heads_with_the_paired_table(finished_grid, tmp_
     assert row.endswith("| 1.00× | – |")
 
 
+def load_script(name: str):
+    """One of experiments/*.py as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_row_weights_reads_the_run_and_counts_kept_rows(tmp_path, data_dir, capsys):
     """experiments/row_weights.py on a real checkpoint: the paper objective keeps both copies of a
     row only where min(a_i, b_i) >= tau, so tau = 0.5 keeps exactly one copy of every row (50%)
@@ -494,16 +504,6 @@ def test_row_weights_reads_the_run_and_counts_kept_rows(tmp_path, data_dir, caps
     out = capsys.readouterr().out
     assert f"250 training rows ({int(corrupted.sum())} with corrupted labels), paper objective" in out
     assert out.splitlines()[-1].startswith("0.5        50.0%")
-
-
-def load_script(name: str):
-    """One of experiments/*.py as a module (the folder is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_first_steps_are_the_runs_steps(tmp_path, data_dir, capsys):

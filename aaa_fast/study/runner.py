@@ -154,11 +154,8 @@ def run_cell(grid: dict, cell: Cell, *, keep_checkpoints: bool = False, node: st
         if finished(grid, cell.seed, cell.scenario, cell.method):  # the other task finished it
             return result
         # a training process still stopping (its task was killed, it got SIGTERM) holds .lock
-        try:
-            _Flock(os.path.join(out, ".lock"), f"{cell}: waiting for the previous process of {out} to stop",
-                   stop_requested=stop_requested).release()
-        except StopWhileWaiting:
-            return dict(result, status="interrupted")
+        _Flock(os.path.join(out, ".lock"), f"{cell}: waiting for the previous process of {out} to stop",
+               stop_requested=stop_requested).release()
         cmd = command(grid, cell.scenario, cell.method, cell.seed)
         t0 = time.time()
         with open(os.path.join(out, "train.log"), "a") as log:
@@ -181,5 +178,7 @@ def run_cell(grid: dict, cell: Cell, *, keep_checkpoints: bool = False, node: st
             raise RunFailed(f"{cell}: exit {rc}, see {out}/train.log")
         record(grid, cell, cmd, seconds, node, keep_checkpoints)
         return dict(result, status="done", seconds=seconds, summary=summary(out))
+    except StopWhileWaiting:
+        return dict(result, status="interrupted")
     finally:
         owner.release()
