@@ -21,7 +21,7 @@
   and the peak GPU memory.
 
     python benchmarks/bench_train_step.py [--arch preact-resnet18] [--batch 128] [--steps 10]
-        [--amp bf16] [--channels-last] [--compile] [--device cuda]
+        [--amp bf16] [--channels-last] [--compile] [--device cuda] [--only-defaults]
 """
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the model for aaa_fast's steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--only-defaults", action="store_true",
+                   help="time only the candidate defaults (precision x skipping against fp32 with every row "
+                        "attacked): for a model whose full table takes hours on a CPU")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s for MFU (default: dense bf16/fp16 peak of a known GPU with --amp)")
     args = p.parse_args()
@@ -87,6 +90,14 @@ def main():
                               "channels_last": args.channels_last, "compile": args.compile, **cfg})
         return AAATrainer(model, opt, meta_net=meta, meta_optimizer=meta_opt, config=config)
 
+    if not args.only_defaults:
+        time_steps(args, fresh, channels, (x, y, xm, ym), device)
+    time_candidate_defaults(args, fresh, (x, y, xm, ym), device)
+
+
+def time_steps(args, fresh, channels, data, device):
+    """Every method's step, AAA at meta every 1 and 50 against the reference, the bare passes."""
+    x, y, xm, ym = data
     baselines = {m: fresh(m) for m in ("erm", "pgd-at", "trades", "mart")}
     rows = timed_round_robin({m: (lambda t=t: t.step(x, y)) for m, t in baselines.items()}, device, args.repeats)
     aaa = fresh("aaa", meta_every=1)
@@ -144,22 +155,7 @@ def main():
                 with ctx():
                     reference_iteration(*parts, *inputs, meta_step=meta_step, **common)
             fns[ref_name] = ref_step
-    # skipping at fp32 and (with --amp) at the asked precision too, each with its meta step, so
-    # that a candidate default (precision x skipping) is timed against fp32 in the same run
-    precisions = {"fp32": dict(amp="none", channels_last=False)}
-    if args.amp != "none":
-        precisions[args.amp + (" + channels_last" if args.channels_last else "")] = {}
-    skipping = {}
-    for precision, settings in precisions.items():
-        skipping[(precision, "meta")] = lambda t=fresh("aaa", meta_every=1, **settings): t.step(x, y, xm, ym)
-        for share in (0.0, 0.4):
-            corrupted = (torch.arange(args.batch) < round(share * args.batch)).to(device)
-            for tau in (0.0, 0.5):
-                # iteration 0 (the warm-up) attacks every row; the timed ones are plain steps
-                trainer = fresh("aaa-oracle", min_row_weight=tau, meta_every=10**9, **settings)
-                skipping[(precision, share, tau)] = lambda t=trainer, c=corrupted: t.step(x, y, corrupted=c)
     # plain iterations and meta iterations are each timed in interleaved rounds
-    t_skip = timed_round_robin(skipping, device, args.repeats)
     t_plain = timed_round_robin(plain_fns, device, args.repeats)
     t_meta = timed_round_robin(meta_fns, device, args.repeats)
     t_min = t_plain["minimal"]
@@ -177,6 +173,38 @@ def main():
         ratios = [f"{rows[of[name]] / t:.2f}x" if of.get(name) in rows else "" for of in (baseline_of, fp32_of)]
         print(f"{name:<32} {t:>8.3f} {1 / t:>8.3f} {ratios[0]:>12} {ratios[1]:>17}")
     print(f"{'minimal fwd/bwd passes':<32} {t_min:>8.3f} {1 / t_min:>8.3f}")
+    print(f"aaa (no meta step) / minimal passes: {t_plain['aaa'] / t_min:.3f}x")
+    with FlopCounterMode(display=False) as counter:
+        minimal()
+    tflop = counter.get_total_flops() / 1e12
+    achieved = tflop / t_plain["aaa"]
+    known = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" and args.amp != "none" else None
+    peak = args.peak_tflops or known
+    mfu = f", MFU {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else " (MFU: pass --peak-tflops)"
+    print(f"minimal passes: {tflop * 1e3:.1f} GFLOP per iteration; aaa (no meta step) achieves "
+          f"{achieved:.3g} TFLOP/s{mfu}")
+    if device.type == "cuda":
+        print(f"peak GPU memory (all rows): {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+
+def time_candidate_defaults(args, fresh, data, device):
+    """Skipping at fp32 and (with --amp) at the asked precision too, each with its meta step, so
+    that a candidate default (precision x skipping) is timed against fp32 in the same run."""
+    x, y, xm, ym = data
+    precisions = {"fp32": dict(amp="none", channels_last=False)}
+    if args.amp != "none":
+        precisions[args.amp + (" + channels_last" if args.channels_last else "")] = {}
+    skipping = {}
+    for precision, settings in precisions.items():
+        skipping[(precision, "meta")] = lambda t=fresh("aaa", meta_every=1, **settings): t.step(x, y, xm, ym)
+        for share in (0.0, 0.4):
+            corrupted = (torch.arange(args.batch) < round(share * args.batch)).to(device)
+            for tau in (0.0, 0.5):
+                trainer = fresh("aaa-oracle", min_row_weight=tau, meta_every=10**9, **settings)
+                if tau:  # iteration 0 attacks every row: take it here, so that the warm-up meets the kept shape
+                    trainer.step(x, y, corrupted=corrupted)
+                skipping[(precision, share, tau)] = lambda t=trainer, c=corrupted: t.step(x, y, corrupted=c)
+    t_skip = timed_round_robin(skipping, device, args.repeats)
     for precision in precisions:
         for share in (0.0, 0.4):
             full, skip = t_skip[(precision, share, 0.0)], t_skip[(precision, share, 0.5)]
@@ -190,18 +218,6 @@ def main():
         for (precision, tau), t in iteration.items():
             rows_note = "every row" if tau == 0 else "min_row_weight 0.5"
             print(f"  {share:.0%} anti rows, {precision}, {rows_note}: {t:.3f} s/iter, {today / t:.2f}x")
-    print(f"aaa (no meta step) / minimal passes: {t_plain['aaa'] / t_min:.3f}x")
-    with FlopCounterMode(display=False) as counter:
-        minimal()
-    tflop = counter.get_total_flops() / 1e12
-    achieved = tflop / t_plain["aaa"]
-    known = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" and args.amp != "none" else None
-    peak = args.peak_tflops or known
-    mfu = f", MFU {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else " (MFU: pass --peak-tflops)"
-    print(f"minimal passes: {tflop * 1e3:.1f} GFLOP per iteration; aaa (no meta step) achieves "
-          f"{achieved:.3g} TFLOP/s{mfu}")
-    if device.type == "cuda":
-        print(f"peak GPU memory (all rows): {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 
 def peak_tflops(name: str) -> float | None:

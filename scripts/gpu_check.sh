@@ -44,7 +44,7 @@ grep -E "FAILED|ERROR" "$out/tests.log" | head -20; tail -1 "$out/tests.log"
 for arch in preact-resnet18 wrn28-10; do
     run "bench_train_step_$arch.txt" 90 "$python" benchmarks/bench_train_step.py --arch "$arch" --amp bf16 --channels-last \
         --repeats 2
-    tail -12 "$out/bench_train_step_$arch.txt"
+    tail -28 "$out/bench_train_step_$arch.txt"
 done
 # standard AutoAttack against torchattacks' APGD/APGDT/FAB/Square on study v3's TRADES model (issue 23)
 run bench_autoattack.txt 120 "$python" benchmarks/bench_autoattack.py --device cuda --images 1000
